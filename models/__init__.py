@@ -1,0 +1,20 @@
+"""Reference UniFormer family in plain eager PyTorch (import name ``uniformer_models``).
+
+The numerical truth that the fused kernels of ``uniformer_kernels`` are checked against. Module
+names and state_dict keys are those of the official code (Sense-X/UniFormer), so official
+checkpoints load with ``strict=True``. Imports nothing of ``uniformer_kernels``.
+"""
+from .blocks import CBlock, SABlock, SABlock_Windows, SplitSABlock
+from .checkpoint import LoadReport, inflate_weight, load_checkpoint
+from .layers import Attention, CMlp, Mlp, PatchEmbed
+from .registry import VARIANTS, create_model, list_models
+from .uniformer import UniFormer
+from .uniformer_light import EvoSABlock, UniFormerLight
+from .uniformer_video import UniFormerVideo
+
+__all__ = [
+    "list_models", "create_model", "load_checkpoint", "inflate_weight", "LoadReport", "VARIANTS",
+    "UniFormer", "UniFormerLight", "UniFormerVideo",
+    "CBlock", "SABlock", "SABlock_Windows", "SplitSABlock", "EvoSABlock",
+    "Attention", "Mlp", "CMlp", "PatchEmbed",
+]
