@@ -1,0 +1,11 @@
+// The Python module uniformer_kernels._C. Kept to the pybind11 entry point: ops register
+// themselves with TORCH_LIBRARY / TORCH_LIBRARY_IMPL in their own files, which needs no entry here.
+#include <pybind11/pybind11.h>
+
+#include "build_info.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "uniformer_kernels compiled kernels (CPU always, CUDA when built with it)";
+  m.def("build_info", &uniformer_kernels::build_info,
+        "Compile-time facts about this build: CUDA, archs, OpenMP, SIMD, compiler, torch version.");
+}
