@@ -1,0 +1,58 @@
+"""The parity helpers must fail when they should: every later parity test relies on them."""
+import math
+
+import pytest
+import torch
+
+import uniformer_models as um
+from uniformer_kernels.testing import assert_rel_close, randomize_state_, rel_error, tolerance
+
+
+def test_rel_error_value():
+    ref = torch.tensor([3.0, 4.0])
+    assert rel_error(ref, ref) == 0.0
+    assert math.isclose(rel_error(torch.tensor([3.0, 4.5]), ref), 0.1)
+
+
+def test_nan_never_passes():
+    ref = torch.randn(10)
+    out = ref.clone()
+    out[3] = float("nan")
+    assert rel_error(out, ref) == float("inf")
+    with pytest.raises(AssertionError, match=r"non-finite elements, first at \(3,\)"):
+        assert_rel_close(out, ref, tol=1.0)
+
+
+def test_failure_message_locates_the_worst_element():
+    ref = torch.zeros(4, 5, dtype=torch.float64) + 1.0
+    out = ref.clone()
+    out[2, 3] = 1.5
+    with pytest.raises(AssertionError, match=r"at \(2, 3\): got 1\.5, expected 1"):
+        assert_rel_close(out, ref, tol=1e-5, name="y")
+    assert_rel_close(out, ref, tol=0.2)  # 0.5 / sqrt(20) ~ 0.11
+
+
+def test_shape_mismatch_fails():
+    with pytest.raises(AssertionError, match="shape"):
+        assert_rel_close(torch.zeros(2, 3), torch.zeros(3, 2), tol=1.0)
+
+
+def test_tolerances_follow_the_contract():
+    assert tolerance(torch.float32, "conv") == 1e-5
+    assert tolerance(torch.float32, "attention") == 1e-4
+    assert tolerance(torch.float16, "conv") == 2e-3
+    assert tolerance(torch.bfloat16, "attention") == 1e-2
+
+
+def test_randomize_state_changes_every_floating_tensor():
+    model = um.create_model("uniformer_xxs")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    randomize_state_(model, seed=1)
+    for key, value in model.state_dict().items():
+        if value.is_floating_point():
+            assert not torch.equal(value, before[key]), key
+    var = model.blocks1[0].norm1.running_var
+    assert (var >= 0.5).all() and (var <= 1.5).all()
+    again = randomize_state_(um.create_model("uniformer_xxs"), seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 again.state_dict().values()))
