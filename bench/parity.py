@@ -1,0 +1,154 @@
+"""Parity summary of the main job: how far each computation is from a float64 eager reference.
+
+Today (no fused op has landed yet) it measures the reference models' own float32 error against
+float64, per variant, in eval (forward) and train (gradient of a loss w.r.t. input and weights).
+That error is the yardstick for the fused kernels: the numerical contract asks them to stay
+within 1e-4 relative in float32, and a kernel should not be much worse than eager float32.
+As ops land they add their rows here (op x backend vs float64).
+
+    python -m bench.parity [--quick] [--models a,b] [--img-size 128] [--results-dir DIR]
+
+Writes ``parity.json`` and ``parity.md`` under ``bench/results/<device>/`` and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.results import DEFAULT_RESULTS_DIR, collect_env, device_slug
+from bench.shapes import build_model, import_models, model_input
+from uniformer_kernels import ops
+from uniformer_kernels.testing import randomize_state_, rel_error, tolerance
+
+QUICK_CASES = "uniformer_small,uniformer_xxs,uniformer_small_video,dense_small_hybrid"
+DENSE_CASES = {
+    "dense_small_hybrid": ("uniformer_small", {"features_only": True, "hybrid": True}),
+    "dense_small_windows": ("uniformer_small", {"features_only": True, "windows": True}),
+    "dense_xxs": ("uniformer_xxs", {"features_only": True}),
+}
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def _loss(out) -> torch.Tensor:
+    """sum(out * w) with fixed pseudo-random weights w, so every output element's gradient matters.
+    w is computed in float64 and then rounded: a float32 arange of a million elements would put
+    ~2 % errors into sin() and make the two precisions minimise different losses."""
+    total = 0.0
+    for i, t in enumerate(_outputs(out)):
+        w = torch.sin(torch.arange(t.numel(), dtype=torch.float64, device=t.device) * (0.37 + i))
+        total = total + (t.reshape(-1) * w.to(t.dtype)).sum()
+    return total
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1).double() for t in tensors])
+
+
+def model_parity(name: str, kwargs: dict, size: int, frames: int | None, batch: int,
+                 device: torch.device) -> dict:
+    """float32 vs float64 of the same randomised reference model: eval outputs, train gradients."""
+    ref = randomize_state_(build_model(name, **kwargs), seed=0).double().to(device)
+    low = copy.deepcopy(ref).float()
+    x64 = model_input(batch, size, frames, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        out64 = _outputs(ref.eval()(x64))
+        out32 = _outputs(low.eval()(x64.float()))
+    fwd = max(rel_error(a, b) for a, b in zip(out32, out64))
+
+    grads = {}
+    for precision, model, x in (("fp64", ref, x64), ("fp32", low, x64.float())):
+        model.train()
+        x = x.clone().requires_grad_(True)
+        _loss(model(x)).backward()
+        grads[precision] = (x.grad, [p.grad for p in model.parameters() if p.grad is not None])
+    # Parameter gradients are compared as one concatenated vector: some (biases that feed a
+    # train-mode BatchNorm through linear layers only) are analytically zero, and a per-tensor
+    # relative error of rounding noise over ~1e-16 says nothing.
+    return {"fwd_rel_err": fwd,
+            "input_grad_rel_err": rel_error(grads["fp32"][0], grads["fp64"][0]),
+            "param_grad_rel_err": rel_error(_flat(grads["fp32"][1]), _flat(grads["fp64"][1]))}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="", help="comma-separated subset (default: all)")
+    # small inputs: this checks numerics, not scale (the benchmarks use the real sizes)
+    parser.add_argument("--img-size", type=int, default=128)
+    parser.add_argument("--dense-size", type=int, default=256,
+                        help="dense backbones; 256 already pads stage 3 (16x16) to 2x2 windows")
+    parser.add_argument("--frames", type=int, default=4)
+    # batch 1 would make train-mode classification blind: the last BatchNorm then normalises each
+    # channel over space alone, so the pooled features, logits and loss no longer depend on x
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: one model of each kind at tiny sizes")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.img_size, args.dense_size, args.frames = 64, 128, 2
+        args.models = args.models or QUICK_CASES
+    device = torch.device(args.device)
+    # float32 means float32: TF32 convs/matmuls (cuDNN's default) would read as a 1e-3 "error"
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    um = import_models()
+    cases = {name: (name, {}) for name in um.list_models()} | DENSE_CASES
+    if args.models:
+        wanted = args.models.split(",")
+        unknown = [w for w in wanted if w not in cases]
+        if unknown:
+            parser.error(f"--models: unknown {unknown}; known: {', '.join(cases)}")
+        cases = {k: cases[k] for k in wanted}
+
+    fused = sorted(n for n in getattr(ops, "__all__", []))
+    print("== parity: fused ops vs float64 eager ==")
+    print("  fused ops registered: " + (", ".join(fused) if fused else
+                                       "none yet (this table gains op x backend rows as ops land)"))
+    tol = tolerance(torch.float32, "model")
+    print(f"== parity on {device}: reference models, float32 vs float64 (contract: <= {tol:.0e}) ==")
+    rows = []
+    for i, (case, (name, kwargs)) in enumerate(cases.items(), 1):
+        size = args.dense_size if kwargs.get("features_only") else args.img_size
+        frames = args.frames if "video" in name else None
+        start = time.perf_counter()
+        errs = model_parity(name, kwargs, size, frames, args.batch, device)
+        row = {"case": case, "input": [args.batch, 3] + ([frames] if frames else []) + [size, size],
+               **errs, "tolerance": tol, "ok": max(errs.values()) <= tol}
+        rows.append(row)
+        print(f"  [{i}/{len(cases)}] {case:22s} fwd {errs['fwd_rel_err']:.1e}  d_input "
+              f"{errs['input_grad_rel_err']:.1e}  d_params {errs['param_grad_rel_err']:.1e}  "
+              f"{'ok' if row['ok'] else 'ABOVE TOLERANCE'}  "
+              f"({time.perf_counter() - start:.1f} s)", flush=True)
+
+    out_dir = args.results_dir / device_slug(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "parity.json").write_text(json.dumps(
+        {"env": collect_env(device, torch.float32), "fused_ops": fused, "models": rows}, indent=1))
+    lines = ["# Parity: reference models, float32 vs float64 eager", "",
+             f"Fused ops registered: {', '.join(fused) or 'none yet'}.", "",
+             "Relative error ||fp32 - fp64|| / ||fp64|| of the same randomised model: eval outputs; "
+             "train-mode gradients of a fixed weighted sum of the outputs w.r.t. the input and "
+             "w.r.t. all parameters (concatenated).", "",
+             "| case | input | fwd (eval) | d input (train) | d params (train) | within 1e-4 |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['case']} | {'x'.join(map(str, r['input']))} | {r['fwd_rel_err']:.1e} | "
+              f"{r['input_grad_rel_err']:.1e} | {r['param_grad_rel_err']:.1e} | "
+              f"{'yes' if r['ok'] else 'NO'} |" for r in rows]
+    (out_dir / "parity.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out_dir / 'parity.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
