@@ -9,6 +9,7 @@ shape=..., flops=..., nbytes=...)`` once; the row (time, roofline, ...) goes to
 
 from __future__ import annotations
 
+import os
 import tempfile
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -142,6 +143,12 @@ class _Session:
     def peaks(self) -> dict:
         if self._peaks is None:
             s = self.settings
+            load = os.getloadavg()[0]
+            if load > 0.75:
+                # Measured here: on 2 cores, another busy process makes OpenMP threads wait on
+                # descheduled peers, and eager/compiled times grow 10-30x, not 2x.
+                _say(f"WARNING: 1-minute load average is {load:.1f} before the first case: another "
+                     f"process is using the CPU, and the timings will not be trustworthy")
             _say(f"measuring {s.device} peaks (GEMM, copy) ...")
             self._peaks = harness.measure_peaks(s.device, s.torch_dtype,
                                                 budget_s=0.5 if s.quick else 2.0)

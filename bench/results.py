@@ -98,6 +98,7 @@ def collect_env(device, dtype=None, peaks: dict | None = None, options: dict | N
         "python": platform.python_version(),
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
+        "load_avg_1min": round(os.getloadavg()[0], 2),  # other work on the machine skews times
         "cuda": torch.version.cuda,
         "git_commit": commit,
         "git_dirty": dirty,
