@@ -22,18 +22,11 @@ from pathlib import Path
 import torch
 
 from bench.results import DEFAULT_RESULTS_DIR, collect_env, device_slug
-from bench.shapes import build_model, import_models, model_input
+from bench.shapes import DENSE_CASES, build_model, import_models, model_input
 from uniformer_kernels import ops
 from uniformer_kernels.testing import randomize_state_, rel_error, tolerance
 
 QUICK_CASES = "uniformer_small,uniformer_xxs,uniformer_small_video,dense_small_hybrid"
-DENSE_CASES = {
-    "dense_small_hybrid": ("uniformer_small", {"features_only": True, "hybrid": True}),
-    "dense_small_windows": ("uniformer_small", {"features_only": True, "windows": True}),
-    "dense_xxs": ("uniformer_xxs", {"features_only": True}),
-}
-
-
 def _outputs(out) -> list[torch.Tensor]:
     return list(out) if isinstance(out, (list, tuple)) else [out]
 

@@ -37,7 +37,7 @@ import torch.nn as nn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-__all__ = ["CONFIGS", "collect_shapes", "import_models", "build_model", "model_input"]
+__all__ = ["CONFIGS", "DENSE_CASES", "collect_shapes", "import_models", "build_model", "model_input"]
 
 
 def import_models():
@@ -70,6 +70,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
                                frames=None, size=512, batch=8),
     "dense-XXS-512": dict(model="uniformer_xxs", kwargs={"features_only": True}, frames=None,
                           size=512, batch=8),
+}
+
+
+# The dense backbones the parity summary and the model benchmarks run: case -> (model, kwargs).
+DENSE_CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "dense_small_hybrid": ("uniformer_small",
+                           {"features_only": True, "hybrid": True, "window_size": 14}),
+    "dense_small_windows": ("uniformer_small",
+                            {"features_only": True, "windows": True, "window_size": 14}),
+    "dense_xxs": ("uniformer_xxs", {"features_only": True}),
 }
 
 

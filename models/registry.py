@@ -17,12 +17,6 @@ _S = dict(depth=(3, 4, 8, 3), embed_dim=(64, 128, 320, 512), head_dim=64, mlp_ra
 _B = dict(depth=(5, 8, 20, 7), embed_dim=(64, 128, 320, 512), head_dim=64, mlp_ratio=4.0)
 
 
-def _light_schedule(depth3: int, depth4: int):
-    # stage 3's first block keeps every token and seeds the scores; the others keep half
-    stage3 = [1] + [0.5] * (depth3 - 1)
-    return [[], [], stage3, [0.5] * depth4]
-
-
 # name -> (class, default constructor arguments)
 VARIANTS: dict[str, tuple[type[nn.Module], dict]] = {
     "uniformer_small": (UniFormer, _S),
@@ -35,11 +29,9 @@ VARIANTS: dict[str, tuple[type[nn.Module], dict]] = {
                                            head_dim=64, mlp_ratio=4.0, layer_scale_conv=1e-6,
                                            layer_scale_attn=1e-6, return_dense=True)),
     "uniformer_xxs": (UniFormerLight, dict(depth=(2, 5, 8, 2), embed_dim=(56, 112, 224, 448),
-                                           head_dim=28, mlp_ratio=(3.0,) * 4, conv_stem=True,
-                                           prune_ratio=_light_schedule(8, 2))),
+                                           head_dim=28, mlp_ratio=(3.0,) * 4, conv_stem=True)),
     "uniformer_xs": (UniFormerLight, dict(depth=(3, 5, 9, 3), embed_dim=(64, 128, 256, 512),
-                                          head_dim=32, mlp_ratio=(3.0,) * 4, conv_stem=True,
-                                          prune_ratio=_light_schedule(9, 3))),
+                                          head_dim=32, mlp_ratio=(3.0,) * 4, conv_stem=True)),
     "uniformer_small_video": (UniFormerVideo, _S),
     "uniformer_base_video": (UniFormerVideo, _B),
 }

@@ -13,7 +13,13 @@ from .blocks import CBlock
 from .layers import (Attention, Mlp, PatchEmbed, drop_path_or_identity, head_embedding,
                      init_weights)
 
-__all__ = ["EvoSABlock", "UniFormerLight"]
+__all__ = ["EvoSABlock", "UniFormerLight", "default_prune_schedule"]
+
+
+def default_prune_schedule(depth) -> list[list[float]]:
+    """Per-block keep ratios of the official light models (also their trade-offs): stage 3's first
+    block keeps every token and seeds the scores, every later attention block keeps half."""
+    return [[], [], [1] + [0.5] * (depth[2] - 1), [0.5] * depth[3]]
 
 
 def _gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -149,7 +155,7 @@ class UniFormerLight(nn.Module):
         self.num_classes = num_classes
         self.features_only = features_only
         self.num_features = self.embed_dim = list(embed_dim)
-        prune_ratio = prune_ratio or [[], [], [1] + [0.5] * (depth[2] - 1), [0.5] * depth[3]]
+        prune_ratio = prune_ratio or default_prune_schedule(depth)
         trade_off = trade_off or prune_ratio
         if conv_stem:
             self.patch_embed1 = head_embedding(in_chans, embed_dim[0])
