@@ -20,7 +20,7 @@ INFO_KEYS = {
     "forced_backend", "forced_backend_error", "backends",
 }
 BUILD_INFO_KEYS = {"with_cuda", "cuda_archs", "openmp", "omp_max_threads", "compile_time_simd",
-                   "compiler", "built_against_torch"}
+                   "compiler", "built_against_torch", "cpu_kernel_isa"}
 
 
 def triton_installed():
@@ -200,11 +200,13 @@ def test_automatic_choice_on_cpu_prefers_the_compiled_cpu_kernels():
 
 
 @pytest.mark.skipif(not triton_installed(), reason="triton not installed")
-def test_triton_interpreter_makes_triton_the_first_choice_on_cpu(monkeypatch):
+def test_triton_interpreter_serves_cpu_tensors_only_when_forced(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     ok, reason = uk.available_backends("cpu")["triton"]
     assert ok and "interpreter" in reason
-    assert backends.resolve_backend("cpu") == "triton"
+    assert backends.resolve_backend("cpu", ("triton", "eager")) == "eager"
+    with uk.backend("triton"):
+        assert backends.resolve_backend("cpu", ("triton", "eager")) == "triton"
     assert backends.resolve_backend("cpu", ("cpu", "eager")) == ("cpu" if _extension.loaded()
                                                                   else "eager")
 

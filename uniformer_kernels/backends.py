@@ -2,7 +2,8 @@
 
 Backends, in the order the automatic choice tries them:
 
-    triton  Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (for testing)
+    triton  Triton kernels: CUDA tensors; CPU tensors under TRITON_INTERPRET=1, but only when
+            forced (the interpreter is for testing, so it is never chosen automatically)
     cuda    CUDA kernels compiled into uniformer_kernels._C (csrc/cuda)
     cpu     C++ CPU kernels compiled into uniformer_kernels._C (csrc/cpu)
     eager   the reference composition of PyTorch ops: always available, the fallback
@@ -148,7 +149,8 @@ def resolve_backend(device: torch.device | str, supported: Iterable[str] = BACKE
 
     A forced backend (context manager, else environment variable) is returned as is, or raises
     ValueError naming why it cannot serve this call. Otherwise the first available of triton, cuda,
-    cpu, eager among ``supported``.
+    cpu, eager among ``supported`` (triton only for CUDA tensors: on CPU the interpreter must be
+    forced).
     """
     supported = tuple(_check_name(name, f"{op}: supported backends") for name in supported)
     device = _device(device)
@@ -163,6 +165,8 @@ def resolve_backend(device: torch.device | str, supported: Iterable[str] = BACKE
                              f"{device.type} tensors: {reason}")
         return forced
     for name in BACKENDS:
+        if name == "triton" and device.type == "cpu":
+            continue  # the interpreter runs only when forced
         if name in supported and _STATUS[name](device)[0]:
             return name
     reasons = "; ".join(f"{name}: {_STATUS[name](device)[1]}" for name in supported)

@@ -1,0 +1,13 @@
+"""Shared test set-up.
+
+Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter. ``triton.jit`` decides
+between compiling and interpreting when a kernel is defined, so the variable must be set before any
+kernel module is imported: here, before the tests import anything of ours. Tests force the triton
+backend explicitly (the automatic choice never picks the interpreter).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
