@@ -35,8 +35,11 @@ def load_error() -> str | None:
 
 
 def build_info() -> dict | None:
-    """The extension's compile-time facts (see csrc/cpu/build_info.cpp), None when not loaded."""
-    return dict(_C.build_info()) if _C is not None else None
+    """The extension's compile-time facts (see csrc/cpu/build_info.cpp) plus ``cpu_kernel_isa``,
+    the CPU kernel build chosen at run time for this CPU (avx2 or baseline); None when not loaded."""
+    if _C is None:
+        return None
+    return {**_C.build_info(), "cpu_kernel_isa": _C.cpu_kernel_isa()}
 
 
 # Compile-time facts that backend selection reads on every op call, taken once.

@@ -3,9 +3,12 @@
 #include <pybind11/pybind11.h>
 
 #include "build_info.h"
+#include "depthwise_kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "uniformer_kernels compiled kernels (CPU always, CUDA when built with it)";
   m.def("build_info", &uniformer_kernels::build_info,
         "Compile-time facts about this build: CUDA, archs, OpenMP, SIMD, compiler, torch version.");
+  m.def("cpu_kernel_isa", &uniformer_kernels::cpu_kernel_isa,
+        "The instruction set of the CPU kernels chosen at run time for this CPU: avx2 or baseline.");
 }

@@ -1,0 +1,167 @@
+// The depthwise conv family's internal ops (schemas and CPU implementations).
+//
+// uniformer_kernels/ops/depthwise.py and ops/pos_embed_norm.py validate the arguments, bring x to a
+// channels-last 5-D view (N, D, H, W, C) and the weight to (KD, KH, KW, C) in the accumulation
+// dtype, and call these through torch.ops.uniformer_kernels_C. csrc/cuda registers CUDA
+// implementations of the same schemas. The checks here are the last line of defence against an
+// out-of-bounds access, not the user-facing validation.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "depthwise_kernels.h"
+
+namespace uniformer_kernels {
+namespace {
+
+bool cpu_has_avx2_fma() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+// The widest kernel build this CPU runs (checked once).
+template <typename T>
+const DepthwiseKernels<T>& cpu_kernels() {
+  static const DepthwiseKernels<T> chosen = cpu_has_avx2_fma() ? avx2::kernels<T>() : baseline::kernels<T>();
+  return chosen;
+}
+
+ConvShape conv_shape(const at::Tensor& x, at::IntArrayRef kernel_size) {
+  TORCH_CHECK(x.dim() == 5 && x.is_contiguous(), "uniformer_kernels: expected a contiguous (N, D, H, W, C) input, got ",
+              x.sizes());
+  TORCH_CHECK(kernel_size.size() == 3, "uniformer_kernels: expected 3 kernel sizes, got ", kernel_size.size());
+  for (int64_t k : kernel_size)
+    TORCH_CHECK(k >= 1 && k <= 7 && k % 2 == 1, "uniformer_kernels: kernel sizes must be odd and <= 7, got ", kernel_size);
+  return {x.size(0), x.size(1), x.size(2), x.size(3), x.size(4),
+          kernel_size[0], kernel_size[1], kernel_size[2]};
+}
+
+void check_param(const at::Tensor& p, const at::Tensor& x, at::IntArrayRef sizes, const char* name) {
+  TORCH_CHECK(p.sizes() == sizes && p.is_contiguous() && p.device() == x.device(),
+              "uniformer_kernels: ", name, " must be contiguous with shape ", sizes, " on ", x.device(), ", got ",
+              p.sizes(), " on ", p.device());
+  TORCH_CHECK(p.scalar_type() == x.scalar_type(), "uniformer_kernels: ", name, " must be ", x.scalar_type(),
+              " (the accumulation dtype), got ", p.scalar_type());
+}
+
+void check_cpu_dtype(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "uniformer_kernels: the CPU kernels take float32 or float64 (ops/ converts 16-bit inputs), got ",
+              x.scalar_type());
+}
+
+// Rows per task: enough work per task (~32K multiply-adds) to amortise scheduling.
+int64_t grain_rows(const ConvShape& s) {
+  const int64_t work_per_row = s.width * s.channels * s.kernel_d * s.kernel_h * s.kernel_w;
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_row));
+}
+
+at::Tensor depthwise_conv_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias, bool residual) {
+  check_cpu_dtype(x);
+  TORCH_CHECK(weight.dim() == 4, "uniformer_kernels: expected a (KD, KH, KW, C) weight, got ", weight.sizes());
+  const ConvShape s = conv_shape(x, weight.sizes().slice(0, 3));
+  check_param(weight, x, {s.kernel_d, s.kernel_h, s.kernel_w, s.channels}, "weight");
+  if (bias) check_param(*bias, x, {s.channels}, "bias");
+  at::Tensor y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_conv_forward_cpu", [&] {
+    const auto& k = cpu_kernels<scalar_t>();
+    const scalar_t* b = bias ? bias->data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, s.rows(), grain_rows(s), [&](int64_t begin, int64_t end) {
+      k.forward(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), b, residual, y.data_ptr<scalar_t>(), s,
+                begin, end);
+    });
+  });
+  return y;
+}
+
+// Rows are split into a fixed number of chunks, each summing into its own buffer, and the buffers
+// are added in chunk order: the result depends on the thread count, never on thread timing.
+std::tuple<at::Tensor, at::Tensor> depthwise_conv_backward_weight_cpu(const at::Tensor& grad_y,
+                                                                      const at::Tensor& x,
+                                                                      at::IntArrayRef kernel_size,
+                                                                      bool deterministic) {
+  (void)deterministic;  // the CPU reduction is always deterministic
+  check_cpu_dtype(x);
+  const ConvShape s = conv_shape(x, kernel_size);
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.is_contiguous() && grad_y.scalar_type() == x.scalar_type(),
+              "uniformer_kernels: grad_y must be contiguous and match x (", x.sizes(), ", ", x.scalar_type(),
+              "), got ", grad_y.sizes(), ", ", grad_y.scalar_type());
+  const int64_t rows = s.rows();
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+  const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
+  const int64_t taps = s.kernel_d * s.kernel_h * s.kernel_w;
+  at::Tensor partial_w = at::zeros({chunks, taps * s.channels}, x.options());
+  at::Tensor partial_b = at::zeros({chunks, s.channels}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_conv_backward_weight_cpu", [&] {
+    const auto& k = cpu_kernels<scalar_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+        const int64_t begin = chunk * rows_per_chunk, end = std::min(rows, begin + rows_per_chunk);
+        if (begin >= end) continue;
+        k.weight_grad(grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                      partial_w[chunk].data_ptr<scalar_t>(), partial_b[chunk].data_ptr<scalar_t>(), s, begin,
+                      end);
+      }
+    });
+  });
+  at::Tensor grad_w = partial_w[0].clone();
+  at::Tensor grad_b = partial_b[0].clone();
+  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+    grad_w += partial_w[chunk];
+    grad_b += partial_b[chunk];
+  }
+  return {grad_w.view({s.kernel_d, s.kernel_h, s.kernel_w, s.channels}), grad_b};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pos_embed_norm_forward_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& norm_weight,
+    const at::Tensor& norm_bias, int64_t norm, double eps) {
+  check_cpu_dtype(x);
+  TORCH_CHECK(norm == 0 || norm == 1, "uniformer_kernels: norm must be 0 (layernorm) or 1 (affine), got ", norm);
+  TORCH_CHECK(weight.dim() == 4, "uniformer_kernels: expected a (KD, KH, KW, C) weight, got ", weight.sizes());
+  const ConvShape s = conv_shape(x, weight.sizes().slice(0, 3));
+  check_param(weight, x, {s.kernel_d, s.kernel_h, s.kernel_w, s.channels}, "weight");
+  check_param(bias, x, {s.channels}, "bias");
+  check_param(norm_weight, x, {s.channels}, "norm_weight");
+  check_param(norm_bias, x, {s.channels}, "norm_bias");
+  const bool layer_norm = norm == 0;
+  const int64_t pixels = layer_norm ? s.rows() * s.width : 0;
+  at::Tensor y = at::empty_like(x), z = at::empty_like(x);
+  at::Tensor mean = at::empty({pixels}, x.options()), rstd = at::empty({pixels}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pos_embed_norm_forward_cpu", [&] {
+    const auto& k = cpu_kernels<scalar_t>();
+    at::parallel_for(0, s.rows(), grain_rows(s), [&](int64_t begin, int64_t end) {
+      k.pos_embed_norm(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
+                       norm_weight.data_ptr<scalar_t>(), norm_bias.data_ptr<scalar_t>(), layer_norm,
+                       static_cast<scalar_t>(eps), y.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
+                       mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(), s, begin, end);
+    });
+  });
+  return {y, z, mean, rstd};
+}
+
+}  // namespace
+
+const char* cpu_kernel_isa() { return cpu_has_avx2_fma() ? "avx2" : "baseline"; }
+
+TORCH_LIBRARY(uniformer_kernels_C, m) {
+  m.def("depthwise_conv_forward(Tensor x, Tensor weight, Tensor? bias, bool residual) -> Tensor");
+  m.def("depthwise_conv_backward_weight(Tensor grad_y, Tensor x, int[] kernel_size, bool deterministic)"
+        " -> (Tensor, Tensor)");
+  m.def("pos_embed_norm_forward(Tensor x, Tensor weight, Tensor bias, Tensor norm_weight, Tensor norm_bias,"
+        " int norm, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(uniformer_kernels_C, CPU, m) {
+  m.impl("depthwise_conv_forward", &depthwise_conv_forward_cpu);
+  m.impl("depthwise_conv_backward_weight", &depthwise_conv_backward_weight_cpu);
+  m.impl("pos_embed_norm_forward", &pos_embed_norm_forward_cpu);
+}
+
+}  // namespace uniformer_kernels

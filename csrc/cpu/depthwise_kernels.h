@@ -1,0 +1,51 @@
+// Entry points of the depthwise conv family's CPU kernels (no torch types).
+//
+// The kernels exist twice, compiled from one template source (depthwise_kernels_impl.h): once for
+// the baseline x86-64 ISA and once with AVX2+FMA (depthwise_kernels_avx2.cpp). depthwise.cpp picks
+// one at run time, so the extension runs on any x86-64 CPU and uses FMA where there is one.
+//
+// Layout: activations are channels-last 5-D (N, D, H, W, C) contiguous, 2-D convs having D = 1;
+// weights are (KD, KH, KW, C) so that a vector load over channels is contiguous. Every kernel works
+// on a range of output rows, a row being one (n, d, h): W * C values. The caller splits rows
+// across threads.
+#pragma once
+
+#include <cstdint>
+
+namespace uniformer_kernels {
+
+struct ConvShape {
+  int64_t batch, depth, height, width, channels;
+  int64_t kernel_d, kernel_h, kernel_w;  // odd, <= 7
+  int64_t rows() const { return batch * depth * height; }
+};
+
+// The kernels of one ISA level, as function pointers (instantiated for float and double).
+template <typename T>
+struct DepthwiseKernels {
+  // y[row] = bias + depthwise_conv(x)[row] (+ x[row] when residual), for rows [begin, end).
+  void (*forward)(const T* x, const T* weight, const T* bias, bool residual, T* y,
+                  const ConvShape& shape, int64_t begin, int64_t end);
+  // Adds this row range's contribution to grad_weight (KD, KH, KW, C) and grad_bias (C).
+  void (*weight_grad)(const T* grad_y, const T* x, T* grad_weight, T* grad_bias,
+                      const ConvShape& shape, int64_t begin, int64_t end);
+  // y = x + conv(x) as forward(residual) and z = norm(y) per pixel in the same pass over a row:
+  // LayerNorm over C (mean and rstd written per pixel) when layer_norm, else z = y * scale + shift.
+  void (*pos_embed_norm)(const T* x, const T* weight, const T* bias, const T* norm_weight,
+                         const T* norm_bias, bool layer_norm, T eps, T* y, T* z, T* mean, T* rstd,
+                         const ConvShape& shape, int64_t begin, int64_t end);
+};
+
+// "avx2" or "baseline": the build depthwise.cpp picked for this CPU (for the environment report).
+const char* cpu_kernel_isa();
+
+namespace baseline {
+template <typename T>
+DepthwiseKernels<T> kernels();
+}
+namespace avx2 {
+template <typename T>
+DepthwiseKernels<T> kernels();
+}
+
+}  // namespace uniformer_kernels

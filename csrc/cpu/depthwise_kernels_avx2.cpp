@@ -1,0 +1,24 @@
+// The depthwise conv family's CPU kernels compiled for AVX2 + FMA, chosen at run time when the CPU
+// has both. Everything defined after the pragma is compiled for that ISA, so only the kernel header
+// (which includes nothing) comes after it. On other architectures this falls back to baseline.
+#include "depthwise_kernels.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#pragma GCC target("avx2,fma")
+namespace uniformer_kernels {
+namespace avx2 {
+#include "depthwise_kernels_impl.h"
+}  // namespace avx2
+}  // namespace uniformer_kernels
+#else
+namespace uniformer_kernels {
+namespace avx2 {
+template <typename T>
+DepthwiseKernels<T> kernels() {
+  return baseline::kernels<T>();
+}
+template DepthwiseKernels<float> kernels<float>();
+template DepthwiseKernels<double> kernels<double>();
+}  // namespace avx2
+}  // namespace uniformer_kernels
+#endif

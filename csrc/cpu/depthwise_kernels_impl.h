@@ -1,0 +1,339 @@
+// The depthwise conv family's CPU kernels, written once over GCC/Clang vector types and compiled
+// once per ISA level: the including file opens the namespace (baseline or avx2) and, for avx2, sets
+// `#pragma GCC target` first. This header therefore includes nothing and calls no library function
+// (an inline library function instantiated here would be compiled for the wider ISA and could be
+// picked by the linker for baseline callers too).
+//
+// Scheme (channels-last, a row = one output (n, d, h)): the (KD x KH) taps that stay inside the
+// input give up to 49 input rows; each is swept along W. Away from the W borders, a block of OWB
+// outputs for one vector of channels is accumulated in registers: for every input row, its KW
+// weight vectors are loaded once and each input vector once, then used for every output of the
+// block it touches. Border outputs take a bounds-checked path. Channels left over after the last
+// full vector are done with the same code on scalars.
+
+// (The including file provides namespace uniformer_kernels::<isa> { ... }.)
+
+template <typename T>
+struct VecTraits {
+  typedef T vec __attribute__((vector_size(32)));  // 8 floats or 4 doubles
+  static constexpr int lanes = 32 / sizeof(T);
+};
+
+// One type for "a vector of channels" and "one channel", so the loops below serve both.
+template <typename V, typename T>
+struct Lanes {
+  static constexpr int value = sizeof(V) / sizeof(T);
+};
+
+template <typename V, typename T>
+inline V load(const T* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+inline void store(T* p, V v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+
+template <typename V, typename T>
+inline V splat(T s) {
+  return V{} + s;  // a scalar in a vector expression is broadcast; for V == T this is s
+}
+
+// Fully unrolls a loop with a compile-time trip count, so that arrays indexed by its counter
+// (accumulators, weights) live in registers.
+#define UK_UNROLL _Pragma("GCC unroll 16")
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// The input rows one output row reads: pointers to the first pixel of each in-range (kd, kh) tap
+// row, with the matching weight row (KW x C).
+template <typename T>
+struct TapRows {
+  const T* input[49];
+  const T* weight[49];
+  int64_t tap_index[49];  // kd * KH + kh, for the weight gradient
+  int count = 0;
+
+  TapRows(const T* x, const T* w, const ConvShape& s, int64_t row) {
+    const int64_t h = row % s.height;
+    const int64_t d = (row / s.height) % s.depth;
+    const int64_t n = row / (s.height * s.depth);
+    for (int64_t kd = 0; kd < s.kernel_d; ++kd) {
+      const int64_t in_d = d + kd - s.kernel_d / 2;
+      if (in_d < 0 || in_d >= s.depth) continue;
+      for (int64_t kh = 0; kh < s.kernel_h; ++kh) {
+        const int64_t in_h = h + kh - s.kernel_h / 2;
+        if (in_h < 0 || in_h >= s.height) continue;
+        input[count] = x + ((n * s.depth + in_d) * s.height + in_h) * s.width * s.channels;
+        weight[count] = w + (kd * s.kernel_h + kh) * s.kernel_w * s.channels;
+        tap_index[count] = kd * s.kernel_h + kh;
+        ++count;
+      }
+    }
+  }
+};
+
+// ---- forward ------------------------------------------------------------------------------------
+
+// OWB consecutive interior outputs [ow0, ow0 + OWB) of channels [c, c + lanes): every tap in range.
+template <typename V, typename T, int KW, int OWB>
+inline void forward_block(const TapRows<T>& taps, const T* bias, const T* residual_row, T* y_row,
+                          int64_t ow0, int64_t c, int64_t C) {
+  V acc[OWB];
+  const V init = bias ? load<V>(bias + c) : splat<V, T>(0);
+  UK_UNROLL for (int o = 0; o < OWB; ++o)
+    acc[o] = residual_row ? init + load<V>(residual_row + (ow0 + o) * C + c) : init;
+  for (int r = 0; r < taps.count; ++r) {
+    const T* in = taps.input[r] + (ow0 - KW / 2) * C + c;
+    V w[KW];
+    UK_UNROLL for (int k = 0; k < KW; ++k) w[k] = load<V>(taps.weight[r] + k * C + c);
+    UK_UNROLL for (int t = 0; t < OWB + KW - 1; ++t) {
+      const V v = load<V>(in + t * C);
+      UK_UNROLL for (int o = 0; o < OWB; ++o) {
+        const int k = t - o;
+        if (k >= 0 && k < KW) acc[o] += v * w[k];
+      }
+    }
+  }
+  UK_UNROLL for (int o = 0; o < OWB; ++o) store<V>(y_row + (ow0 + o) * C + c, acc[o]);
+}
+
+// One output near a W border: taps falling outside the input are skipped.
+template <typename V, typename T, int KW>
+inline void forward_border(const TapRows<T>& taps, const T* bias, const T* residual_row, T* y_row,
+                           int64_t ow, int64_t c, int64_t C, int64_t W) {
+  V acc = bias ? load<V>(bias + c) : splat<V, T>(0);
+  if (residual_row) acc += load<V>(residual_row + ow * C + c);
+  const int64_t k_begin = max64(0, KW / 2 - ow), k_end = min64(KW, W - ow + KW / 2);
+  for (int r = 0; r < taps.count; ++r)
+    for (int64_t k = k_begin; k < k_end; ++k)
+      acc += load<V>(taps.input[r] + (ow + k - KW / 2) * C + c) * load<V>(taps.weight[r] + k * C + c);
+  store<V>(y_row + ow * C + c, acc);
+}
+
+// Runs a per-channel-vector kernel over all channels: full vectors, then the leftover channels
+// one at a time with the same code on scalars.
+template <typename T, typename Kernel>
+inline void over_channels(int64_t C, Kernel&& kernel) {
+  typedef typename VecTraits<T>::vec V;
+  constexpr int L = VecTraits<T>::lanes;
+  int64_t c = 0;
+  for (; c + L <= C; c += L) kernel(V{}, c);
+  for (; c < C; ++c) kernel(T{}, c);
+}
+
+// One output row. The W loop is outside the channel loop so that the few input pixels a block of
+// outputs reads (OWB + KW - 1 per tap row, all channels) stay in L1 while every channel uses them.
+template <typename T, int KW>
+void forward_row(const T* x, const T* weight, const T* bias, bool residual, T* y,
+                 const ConvShape& s, int64_t row) {
+  constexpr int OWB = KW >= 7 ? 4 : 8;  // accumulators + KW weights + 1 input fit 16 registers
+  const TapRows<T> taps(x, weight, s, row);
+  const int64_t C = s.channels, W = s.width;
+  const T* residual_row = residual ? x + row * W * C : nullptr;
+  T* y_row = y + row * W * C;
+  auto border = [&](int64_t ow) {
+    over_channels<T>(C, [&](auto lane_type, int64_t c) {
+      forward_border<decltype(lane_type), T, KW>(taps, bias, residual_row, y_row, ow, c, C, W);
+    });
+  };
+  // Interior outputs have every tap inside the row; when the row is narrower than the kernel,
+  // every output is a border one.
+  const int64_t interior_begin = min64(KW / 2, W), interior_end = max64(W - KW / 2, interior_begin);
+  for (int64_t ow = 0; ow < interior_begin; ++ow) border(ow);
+  int64_t ow = interior_begin;
+  for (; ow + OWB <= interior_end; ow += OWB)
+    over_channels<T>(C, [&](auto lane_type, int64_t c) {
+      forward_block<decltype(lane_type), T, KW, OWB>(taps, bias, residual_row, y_row, ow, c, C);
+    });
+  if (OWB > 4 && ow + 4 <= interior_end) {  // a half block before single outputs (56 = 2 + 6x8 + 4 + 2 + 2)
+    over_channels<T>(C, [&](auto lane_type, int64_t c) {
+      forward_block<decltype(lane_type), T, KW, 4>(taps, bias, residual_row, y_row, ow, c, C);
+    });
+    ow += 4;
+  }
+  for (; ow < interior_end; ++ow)
+    over_channels<T>(C, [&](auto lane_type, int64_t c) {
+      forward_block<decltype(lane_type), T, KW, 1>(taps, bias, residual_row, y_row, ow, c, C);
+    });
+  for (; ow < W; ++ow) border(ow);
+}
+
+template <typename T, int KW>
+void forward_rows(const T* x, const T* weight, const T* bias, bool residual, T* y,
+                  const ConvShape& s, int64_t begin, int64_t end) {
+  for (int64_t row = begin; row < end; ++row) forward_row<T, KW>(x, weight, bias, residual, y, s, row);
+}
+
+// ---- weight gradient ----------------------------------------------------------------------------
+
+// grad_w[tap row, k, c] += sum over ow of grad_y[ow, c] * x_tap_row[ow + k - KW/2, c], for one tap
+// row and one channel vector. Interior outputs in blocks of OWB keep KW sums and OWB grad vectors in
+// registers; each input vector is loaded once per block.
+template <typename V, typename T, int KW>
+inline void weight_grad_tap_row(const T* grad_y_row, const T* in_row, T* grad_w_row, int64_t c,
+                                int64_t C, int64_t W) {
+  constexpr int OWB = 4;
+  V sum[KW];
+  for (int k = 0; k < KW; ++k) sum[k] = splat<V, T>(0);
+  const int64_t interior_begin = KW / 2, interior_end = max64(W - KW / 2, interior_begin);
+  auto border = [&](int64_t ow) {
+    const V g = load<V>(grad_y_row + ow * C + c);
+    for (int k = 0; k < KW; ++k) {
+      const int64_t iw = ow + k - KW / 2;
+      if (iw >= 0 && iw < W) sum[k] += g * load<V>(in_row + iw * C + c);
+    }
+  };
+  for (int64_t ow = 0; ow < min64(interior_begin, W); ++ow) border(ow);
+  int64_t ow = interior_begin;
+  for (; ow + OWB <= interior_end; ow += OWB) {
+    V g[OWB];
+    for (int o = 0; o < OWB; ++o) g[o] = load<V>(grad_y_row + (ow + o) * C + c);
+    const T* in = in_row + (ow - KW / 2) * C + c;
+    UK_UNROLL for (int t = 0; t < OWB + KW - 1; ++t) {
+      const V v = load<V>(in + t * C);
+      UK_UNROLL for (int o = 0; o < OWB; ++o) {
+        const int k = t - o;
+        if (k >= 0 && k < KW) sum[k] += g[o] * v;
+      }
+    }
+  }
+  for (; ow < W; ++ow) border(ow);  // the interior remainder and the right border
+  for (int k = 0; k < KW; ++k) store<V>(grad_w_row + k * C + c, load<V>(grad_w_row + k * C + c) + sum[k]);
+}
+
+template <typename V, typename T>
+inline void bias_grad_row(const T* grad_y_row, T* grad_bias, int64_t c, int64_t C, int64_t W) {
+  V sum = splat<V, T>(0);
+  for (int64_t ow = 0; ow < W; ++ow) sum += load<V>(grad_y_row + ow * C + c);
+  store<V>(grad_bias + c, load<V>(grad_bias + c) + sum);
+}
+
+template <typename T, int KW>
+void weight_grad_rows(const T* grad_y, const T* x, T* grad_weight, T* grad_bias,
+                      const ConvShape& s, int64_t begin, int64_t end) {
+  typedef typename VecTraits<T>::vec V;
+  constexpr int L = VecTraits<T>::lanes;
+  const int64_t C = s.channels, W = s.width;
+  for (int64_t row = begin; row < end; ++row) {
+    const TapRows<T> taps(x, grad_weight, s, row);
+    const T* grad_y_row = grad_y + row * W * C;
+    for (int r = 0; r < taps.count; ++r) {
+      T* grad_w_row = grad_weight + taps.tap_index[r] * KW * C;
+      int64_t c = 0;
+      for (; c + L <= C; c += L) weight_grad_tap_row<V, T, KW>(grad_y_row, taps.input[r], grad_w_row, c, C, W);
+      for (; c < C; ++c) weight_grad_tap_row<T, T, KW>(grad_y_row, taps.input[r], grad_w_row, c, C, W);
+    }
+    int64_t c = 0;
+    for (; c + L <= C; c += L) bias_grad_row<V, T>(grad_y_row, grad_bias, c, C, W);
+    for (; c < C; ++c) bias_grad_row<T, T>(grad_y_row, grad_bias, c, C, W);
+  }
+}
+
+// ---- positional encoding + norm -----------------------------------------------------------------
+
+template <typename V, typename T>
+inline T horizontal_sum(V v) {
+  T total = 0;
+  for (int i = 0; i < Lanes<V, T>::value; ++i) total += reinterpret_cast<const T*>(&v)[i];
+  return total;
+}
+
+// z = norm(y) for one pixel's C channels, y just written (in L1).
+template <typename T>
+inline void norm_pixel(const T* y, const T* norm_weight, const T* norm_bias, bool layer_norm, T eps,
+                       T* z, T* mean_out, T* rstd_out, int64_t C) {
+  typedef typename VecTraits<T>::vec V;
+  constexpr int L = VecTraits<T>::lanes;
+  if (!layer_norm) {
+    int64_t c = 0;
+    for (; c + L <= C; c += L)
+      store<V>(z + c, load<V>(y + c) * load<V>(norm_weight + c) + load<V>(norm_bias + c));
+    for (; c < C; ++c) z[c] = y[c] * norm_weight[c] + norm_bias[c];
+    return;
+  }
+  // Two passes over the (cached) pixel: the mean, then the centred variance, which does not lose
+  // precision to cancellation the way E[y^2] - E[y]^2 does.
+  V vsum = splat<V, T>(0);
+  T sum = 0;
+  int64_t c = 0;
+  for (; c + L <= C; c += L) vsum += load<V>(y + c);
+  for (; c < C; ++c) sum += y[c];
+  const T mean = (sum + horizontal_sum<V, T>(vsum)) / C;
+  V vsq = splat<V, T>(0);
+  T sq = 0;
+  for (c = 0; c + L <= C; c += L) {
+    const V d = load<V>(y + c) - mean;
+    vsq += d * d;
+  }
+  for (; c < C; ++c) sq += (y[c] - mean) * (y[c] - mean);
+  const T rstd = T(1) / __builtin_sqrt((sq + horizontal_sum<V, T>(vsq)) / C + eps);
+  for (c = 0; c + L <= C; c += L)
+    store<V>(z + c, (load<V>(y + c) - mean) * rstd * load<V>(norm_weight + c) + load<V>(norm_bias + c));
+  for (; c < C; ++c) z[c] = (y[c] - mean) * rstd * norm_weight[c] + norm_bias[c];
+  *mean_out = mean;
+  *rstd_out = rstd;
+}
+
+template <typename T, int KW>
+void pos_embed_norm_rows(const T* x, const T* weight, const T* bias, const T* norm_weight,
+                         const T* norm_bias, bool layer_norm, T eps, T* y, T* z, T* mean, T* rstd,
+                         const ConvShape& s, int64_t begin, int64_t end) {
+  const int64_t C = s.channels, W = s.width;
+  for (int64_t row = begin; row < end; ++row) {
+    forward_row<T, KW>(x, weight, bias, /*residual=*/true, y, s, row);
+    for (int64_t ow = 0; ow < W; ++ow) {
+      const int64_t pixel = row * W + ow;
+      norm_pixel<T>(y + pixel * C, norm_weight, norm_bias, layer_norm, eps, z + pixel * C,
+                    layer_norm ? mean + pixel : nullptr, layer_norm ? rstd + pixel : nullptr, C);
+    }
+  }
+}
+
+// ---- dispatch on KW (the only size the inner loops unroll on) -----------------------------------
+
+template <typename T>
+void forward_dispatch(const T* x, const T* weight, const T* bias, bool residual, T* y,
+                      const ConvShape& s, int64_t begin, int64_t end) {
+  switch (s.kernel_w) {
+    case 1: return forward_rows<T, 1>(x, weight, bias, residual, y, s, begin, end);
+    case 3: return forward_rows<T, 3>(x, weight, bias, residual, y, s, begin, end);
+    case 5: return forward_rows<T, 5>(x, weight, bias, residual, y, s, begin, end);
+    default: return forward_rows<T, 7>(x, weight, bias, residual, y, s, begin, end);
+  }
+}
+
+template <typename T>
+void weight_grad_dispatch(const T* grad_y, const T* x, T* grad_weight, T* grad_bias,
+                          const ConvShape& s, int64_t begin, int64_t end) {
+  switch (s.kernel_w) {
+    case 1: return weight_grad_rows<T, 1>(grad_y, x, grad_weight, grad_bias, s, begin, end);
+    case 3: return weight_grad_rows<T, 3>(grad_y, x, grad_weight, grad_bias, s, begin, end);
+    case 5: return weight_grad_rows<T, 5>(grad_y, x, grad_weight, grad_bias, s, begin, end);
+    default: return weight_grad_rows<T, 7>(grad_y, x, grad_weight, grad_bias, s, begin, end);
+  }
+}
+
+template <typename T>
+void pos_embed_norm_dispatch(const T* x, const T* weight, const T* bias, const T* norm_weight,
+                             const T* norm_bias, bool layer_norm, T eps, T* y, T* z, T* mean,
+                             T* rstd, const ConvShape& s, int64_t begin, int64_t end) {
+  switch (s.kernel_w) {
+    case 1: return pos_embed_norm_rows<T, 1>(x, weight, bias, norm_weight, norm_bias, layer_norm, eps, y, z, mean, rstd, s, begin, end);
+    case 3: return pos_embed_norm_rows<T, 3>(x, weight, bias, norm_weight, norm_bias, layer_norm, eps, y, z, mean, rstd, s, begin, end);
+    case 5: return pos_embed_norm_rows<T, 5>(x, weight, bias, norm_weight, norm_bias, layer_norm, eps, y, z, mean, rstd, s, begin, end);
+    default: return pos_embed_norm_rows<T, 7>(x, weight, bias, norm_weight, norm_bias, layer_norm, eps, y, z, mean, rstd, s, begin, end);
+  }
+}
+
+template <typename T>
+DepthwiseKernels<T> kernels() {
+  return {&forward_dispatch<T>, &weight_grad_dispatch<T>, &pos_embed_norm_dispatch<T>};
+}
+
+template DepthwiseKernels<float> kernels<float>();
+template DepthwiseKernels<double> kernels<double>();

@@ -1,0 +1,149 @@
+"""What the depthwise conv family's ops (depthwise.py, pos_embed_norm.py) share: argument checks,
+the channels-last 5-D layout the kernels work in, and the kernels of each backend.
+
+Every kernel backend exposes the same three functions on channels-last 5-D tensors
+(N, D, H, W, C), a 2-D conv having D = 1, with weights (KD, KH, KW, C) in the accumulation dtype:
+
+    depthwise_conv_forward(x, weight, bias, residual) -> y
+    depthwise_conv_backward_weight(grad_y, x, kernel_size, deterministic) -> (grad_weight, grad_bias)
+    pos_embed_norm_forward(x, weight, bias, norm_weight, norm_bias, norm, eps) -> (y, z, mean, rstd)
+
+cpu and cuda are the compiled ops torch.ops.uniformer_kernels_C.* (csrc/cpu/depthwise.cpp defines
+them; csrc/cuda registers CUDA implementations), triton is uniformer_kernels/triton/depthwise.py.
+The input gradient needs no kernel of its own: with stride 1 and padding k//2 it is the forward
+conv of grad_y with the kernel flipped in every dim.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+
+from .. import backends
+
+KERNEL_BACKENDS = ("triton", "cuda", "cpu")
+SUPPORTED_BACKENDS = KERNEL_BACKENDS + ("eager",)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_KERNEL_SIZE = 7
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_tensor(name: str, t, like: torch.Tensor | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got {t.dtype}")
+    if like is not None:
+        if t.device != like.device:
+            raise ValueError(f"{name}: on {t.device}, but x is on {like.device}")
+        if t.dtype != like.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} differs from x's {like.dtype}")
+
+
+def check_conv_args(x, weight, bias) -> tuple[int, ...]:
+    """Validates a depthwise conv's arguments; returns the kernel size (one entry per spatial dim)."""
+    check_tensor("x", x)
+    if x.dim() not in (4, 5):
+        raise ValueError(f"x: expected a 4-D (N, C, H, W) or 5-D (N, C, D, H, W) tensor, got shape "
+                         f"{tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"x: empty tensor of shape {tuple(x.shape)}")
+    check_tensor("weight", weight, like=x)
+    channels, spatial = x.shape[1], x.dim() - 2
+    expected = f"({channels}, 1" + ", k" * spatial + ")"
+    if weight.dim() != x.dim() or weight.shape[0] != channels or weight.shape[1] != 1:
+        raise ValueError(f"weight: expected a depthwise weight of shape {expected} for x with "
+                         f"{channels} channels, got {tuple(weight.shape)}")
+    kernel_size = tuple(weight.shape[2:])
+    if any(k % 2 == 0 or k > MAX_KERNEL_SIZE for k in kernel_size):
+        raise ValueError(f"weight: kernel size {kernel_size} must be odd and at most "
+                         f"{MAX_KERNEL_SIZE} in every dim (padding k//2 keeps the size)")
+    if bias is not None:
+        check_tensor("bias", bias, like=x)
+        if tuple(bias.shape) != (channels,):
+            raise ValueError(f"bias: expected shape ({channels},), got {tuple(bias.shape)}")
+    return kernel_size
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """The format the output is returned in: channels-last when x is (and not also plain
+    contiguous, as when C == 1 or the spatial size is 1), else contiguous."""
+    channels_last = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    if x.is_contiguous(memory_format=channels_last) and not x.is_contiguous():
+        return channels_last
+    return torch.contiguous_format
+
+
+def to_channels_last_5d(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, [D,] H, W) -> contiguous (N, D, H, W, C): a free view for channels-last input."""
+    if x.dim() == 4:
+        x = x.unsqueeze(2)
+    return x.permute(0, 2, 3, 4, 1).contiguous()
+
+
+def from_channels_last_5d(y5: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(N, D, H, W, C) -> x's shape and memory format (a free view when that is channels-last)."""
+    y = y5.permute(0, 4, 1, 2, 3)
+    if like.dim() == 4:
+        y = y.squeeze(2)
+    return y.contiguous(memory_format=memory_format_of(like))
+
+
+def weight_to_kernel_layout(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(C, 1, [KD,] KH, KW) -> contiguous (KD, KH, KW, C) in ``dtype``."""
+    w = weight.flatten(0, 1)
+    if w.dim() == 3:
+        w = w.unsqueeze(1)
+    return w.permute(1, 2, 3, 0).to(dtype).contiguous()
+
+
+def weight_from_kernel_layout(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(KD, KH, KW, C) -> ``like``'s (C, 1, [KD,] KH, KW) shape and dtype."""
+    w = w.permute(3, 0, 1, 2)
+    if like.dim() == 4:
+        w = w.squeeze(1)
+    return w.unsqueeze(1).to(like.dtype).contiguous()
+
+
+def kernel_size_5d(kernel_size: tuple[int, ...]) -> list[int]:
+    return [1, *kernel_size] if len(kernel_size) == 2 else list(kernel_size)
+
+
+def choose_backend(x: torch.Tensor, op: str) -> str:
+    return backends.resolve_backend(x.device, SUPPORTED_BACKENDS, op=op)
+
+
+def _compiled_kernels():
+    ops = torch.ops.uniformer_kernels_C
+    return types.SimpleNamespace(
+        depthwise_conv_forward=ops.depthwise_conv_forward,
+        depthwise_conv_backward_weight=ops.depthwise_conv_backward_weight,
+        pos_embed_norm_forward=ops.pos_embed_norm_forward,
+        # The CPU kernels are written for float32/float64; 16-bit inputs are widened around them.
+        takes_16bit=False,
+    )
+
+
+def kernels(backend: str, device: torch.device):
+    """The kernel functions of ``backend`` (one of KERNEL_BACKENDS)."""
+    if backend == "triton":
+        from ..triton import depthwise  # imported here: the package must work without Triton
+        return types.SimpleNamespace(
+            depthwise_conv_forward=depthwise.depthwise_conv_forward,
+            depthwise_conv_backward_weight=depthwise.depthwise_conv_backward_weight,
+            pos_embed_norm_forward=depthwise.pos_embed_norm_forward,
+            takes_16bit=True,
+        )
+    compiled = _compiled_kernels()
+    compiled.takes_16bit = device.type == "cuda"
+    return compiled
+
+
+def kernel_input(t: torch.Tensor, k) -> torch.Tensor:
+    """``t`` in a dtype the kernels take (16-bit widened to float32 where they need it)."""
+    if t.dtype in (torch.float16, torch.bfloat16) and not k.takes_16bit:
+        return t.float()
+    return t

@@ -1,0 +1,124 @@
+"""Op 1: depthwise conv, 2-D and 3-D, stride 1, zero padding k//2, optional fused residual.
+
+    y = conv(x, weight, bias, groups=C)  (+ x when residual)
+
+UniFormer's positional encoding is ``x + DWConv3(x)`` (residual) and its local affinity is a
+DWConv5. Backends: triton, cuda and cpu kernels (see _depthwise_common), eager (PyTorch's conv).
+Registered as the custom op ``uniformer_kernels::depthwise_conv`` with a fake implementation and
+autograd, its backward being the custom op ``uniformer_kernels::depthwise_conv_backward``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _depthwise_common as common
+
+
+def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   residual: bool = False) -> torch.Tensor:
+    """Depthwise conv of ``x`` (N, C, H, W) or (N, C, D, H, W), either memory format.
+
+    ``weight`` is an ``nn.Conv2d/3d(C, C, k, groups=C)`` weight, (C, 1, [KD,] KH, KW), every kernel
+    size odd and at most 7; ``bias`` (C,) or None. With ``residual`` the result is ``x + conv(x)``.
+    Returns x's shape, dtype and memory format; computes in float32 (float64 for float64 input).
+    Differentiable in x, weight and bias.
+    """
+    common.check_conv_args(x, weight, bias)
+    if not isinstance(residual, bool):
+        raise TypeError(f"residual: expected a bool, got {type(residual).__name__}")
+    return _depthwise_conv(x, weight, bias, residual)
+
+
+def eager_depthwise_conv(x, weight, bias, residual):
+    """The eager composition (the eager backend, and what the kernels are checked against)."""
+    conv = F.conv2d if x.dim() == 4 else F.conv3d
+    y = conv(x, weight, bias, padding=[k // 2 for k in weight.shape[2:]], groups=x.shape[1])
+    if residual:
+        y = y + x
+    return y.contiguous(memory_format=common.memory_format_of(x))
+
+
+@torch.library.custom_op("uniformer_kernels::depthwise_conv", mutates_args=())
+def _depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    residual: bool) -> torch.Tensor:
+    backend = common.choose_backend(x, "depthwise_conv")
+    if backend == "eager":
+        return eager_depthwise_conv(x, weight, bias, residual)
+    kernels = common.kernels(backend, x.device)
+    acc = common.accumulation_dtype(x.dtype)
+    y5 = kernels.depthwise_conv_forward(
+        common.kernel_input(common.to_channels_last_5d(x), kernels),
+        common.weight_to_kernel_layout(weight, acc),
+        None if bias is None else bias.to(acc).contiguous(),
+        residual)
+    return common.from_channels_last_5d(y5.to(x.dtype), x)
+
+
+@_depthwise_conv.register_fake
+def _(x, weight, bias, residual):
+    return torch.empty_like(x, memory_format=common.memory_format_of(x))
+
+
+@torch.library.custom_op("uniformer_kernels::depthwise_conv_backward", mutates_args=())
+def _depthwise_conv_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                             has_bias: bool, residual: bool, output_mask: list[bool]
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight, grad_bias); an entry whose output_mask is False is an empty tensor."""
+    need_x, need_weight, need_bias = output_mask
+    backend = common.choose_backend(x, "depthwise_conv backward")
+    if backend == "eager":
+        spatial = x.dim() - 2
+        grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad_y, x, weight, [x.shape[1]] if has_bias else None, [1] * spatial,
+            [k // 2 for k in weight.shape[2:]], [1] * spatial, False, [0] * spatial, x.shape[1],
+            [need_x, need_weight, need_bias])
+        if need_x:
+            grad_x = grad_x + grad_y if residual else grad_x
+            grad_x = grad_x.contiguous(memory_format=common.memory_format_of(x))
+    else:
+        kernels = common.kernels(backend, x.device)
+        acc = common.accumulation_dtype(x.dtype)
+        grad_y5 = common.kernel_input(common.to_channels_last_5d(grad_y), kernels)
+        grad_x = grad_weight = grad_bias = None
+        if need_x:
+            flipped = common.weight_to_kernel_layout(weight, acc).flip(0, 1, 2).contiguous()
+            grad_x5 = kernels.depthwise_conv_forward(grad_y5, flipped, None, residual)
+            grad_x = common.from_channels_last_5d(grad_x5.to(x.dtype), x)
+        if need_weight or need_bias:
+            x5 = common.kernel_input(common.to_channels_last_5d(x), kernels)
+            grad_w5, grad_b = kernels.depthwise_conv_backward_weight(
+                grad_y5, x5, common.kernel_size_5d(tuple(weight.shape[2:])),
+                torch.are_deterministic_algorithms_enabled())
+            grad_weight = common.weight_from_kernel_layout(grad_w5, weight)
+            grad_bias = grad_b.to(x.dtype)
+    # A fresh empty tensor per skipped gradient: a custom op may not return one tensor twice.
+    return (grad_x if need_x else x.new_empty(0), grad_weight if need_weight else x.new_empty(0),
+            grad_bias if need_bias else x.new_empty(0))
+
+
+@_depthwise_conv_backward.register_fake
+def _(grad_y, x, weight, has_bias, residual, output_mask):
+    need_x, need_weight, need_bias = output_mask
+    return (torch.empty_like(x, memory_format=common.memory_format_of(x)) if need_x else x.new_empty(0),
+            torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight
+            else x.new_empty(0),
+            x.new_empty(x.shape[1]) if need_bias else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+    ctx.residual = residual
+
+
+def _backward(ctx, grad_y):
+    x, weight = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            ctx.has_bias and ctx.needs_input_grad[2]]
+    grads = _depthwise_conv_backward(grad_y, x, weight, ctx.has_bias, ctx.residual, mask)
+    return (*(g if needed else None for g, needed in zip(grads, mask)), None)
+
+
+_depthwise_conv.register_autograd(_backward, setup_context=_setup_context)
