@@ -1,0 +1,212 @@
+// Pieces shared by the depthwise conv kernels (depthwise_conv.cu, pos_embed_norm.cu): element
+// conversions, aligned vector access, the register-tiled channels-last conv tile, and the host-side
+// dispatch from run-time dtype / kernel size / index width to template arguments.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "depthwise_conv.h"
+
+namespace uniformer_kernels::cuda::detail {
+
+// ---- types ---------------------------------------------------------------------------------------
+
+template <typename T>
+struct AccumOf {
+  using type = float;
+};
+template <>
+struct AccumOf<double> {
+  using type = double;
+};
+template <typename T>
+using Accum = typename AccumOf<T>::type;
+
+// Channels per thread: one 16-byte load of activations.
+template <typename T>
+constexpr int kVecWidth = 16 / static_cast<int>(sizeof(T));
+
+// A compile-time kernel size, or KernelSize<0, 0, 0>: sizes read at run time (any odd size up to
+// kMaxKernelSize), the fallback for shapes without a specialisation.
+template <int KD, int KH, int KW>
+struct KernelSize {
+  static constexpr bool kRuntime = KD == 0;
+  static constexpr int kd = KD, kh = KH, kw = KW;
+};
+using RuntimeKernelSize = KernelSize<0, 0, 0>;
+
+// Sizes in the index type of the launch: int32_t when every offset fits, else int64_t.
+template <typename IndexT>
+struct Geometry {
+  IndexT batch, depth, height, width, channels;
+  int kd, kh, kw;
+};
+
+template <typename IndexT>
+Geometry<IndexT> make_geometry(const ConvShape& s) {
+  return {static_cast<IndexT>(s.batch), static_cast<IndexT>(s.depth),
+          static_cast<IndexT>(s.height), static_cast<IndexT>(s.width),
+          static_cast<IndexT>(s.channels), s.kernel_d, s.kernel_h, s.kernel_w};
+}
+
+// ---- element access ------------------------------------------------------------------------------
+
+__device__ __forceinline__ float to_accum(float v) { return v; }
+__device__ __forceinline__ double to_accum(double v) { return v; }
+__device__ __forceinline__ float to_accum(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_accum(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+struct RoundTo;
+template <>
+struct RoundTo<float> {
+  __device__ __forceinline__ static float from(float v) { return v; }
+};
+template <>
+struct RoundTo<double> {
+  __device__ __forceinline__ static double from(double v) { return v; }
+};
+template <>
+struct RoundTo<__half> {
+  __device__ __forceinline__ static __half from(float v) { return __float2half_rn(v); }
+};
+template <>
+struct RoundTo<__nv_bfloat16> {
+  __device__ __forceinline__ static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+};
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+// N consecutive elements at p (aligned to N elements: the launcher checks) as accumulation values.
+template <int N, typename T, typename A>
+__device__ __forceinline__ void load_vec(const T* p, A (&out)[N]) {
+  const Vec<T, N> raw = *reinterpret_cast<const Vec<T, N>*>(p);
+#pragma unroll
+  for (int v = 0; v < N; ++v) out[v] = to_accum(raw.v[v]);
+}
+
+template <int N, typename T, typename A>
+__device__ __forceinline__ void store_vec(T* p, const A (&in)[N]) {
+  Vec<T, N> raw;
+#pragma unroll
+  for (int v = 0; v < N; ++v) raw.v[v] = RoundTo<T>::from(in[v]);
+  *reinterpret_cast<Vec<T, N>*>(p) = raw;
+}
+
+// ---- the conv tile -------------------------------------------------------------------------------
+
+// Adds to acc[t][v] the taps of output (n, d, h, w0 + t), channel c0 + v, for TW consecutive
+// outputs along W and VEC consecutive channels. Each input element of a row segment is loaded once
+// and feeds every output of the tile that needs it (the W halo is reused from registers); the rows
+// above, below and across depth are shared between neighbouring threads through L1.
+//
+// The weights of one kernel row sit in a window of kw_cap register slots. For a run-time size the
+// window is kMaxKernelSize wide and the kernel row is centred in it (slots outside it hold no tap),
+// so every register index stays a compile-time constant and nothing spills to local memory.
+template <typename Size, int VEC, int TW, typename T, typename IndexT>
+__device__ __forceinline__ void accumulate_conv_tile(Accum<T> (&acc)[TW][VEC],
+                                                     const T* __restrict__ x,
+                                                     const Accum<T>* __restrict__ weight,
+                                                     const Geometry<IndexT>& g, IndexT n, int d,
+                                                     int h, int w0, IndexT c0) {
+  using A = Accum<T>;
+  constexpr int kw_cap = Size::kRuntime ? kMaxKernelSize : Size::kw;
+  const int kd = Size::kRuntime ? g.kd : Size::kd;
+  const int kh = Size::kRuntime ? g.kh : Size::kh;
+  const int kw = Size::kRuntime ? g.kw : Size::kw;
+  const int slot0 = kw_cap / 2 - kw / 2;  // first slot holding a tap
+  const int slot_end = kw_cap - slot0;    // one past the last
+  for (int i = 0; i < kd; ++i) {
+    const int di = d + i - kd / 2;
+    if (di < 0 || di >= g.depth) continue;
+    for (int j = 0; j < kh; ++j) {
+      const int hj = h + j - kh / 2;
+      if (hj < 0 || hj >= g.height) continue;
+      const T* x_row = x + ((n * g.depth + di) * g.height + hj) * g.width * g.channels + c0;
+      const A* w_row = weight + static_cast<IndexT>((i * kh + j) * kw) * g.channels + c0;
+      A w_slot[kw_cap][VEC];
+#pragma unroll
+      for (int s = 0; s < kw_cap; ++s) {
+        if (s >= slot0 && s < slot_end) {
+          load_vec<VEC>(w_row + static_cast<IndexT>(s - slot0) * g.channels, w_slot[s]);
+        } else {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) w_slot[s][v] = A(0);
+        }
+      }
+      // Input position p of the tile (column w0 - kw_cap / 2 + p) meets output t at slot p - t.
+#pragma unroll
+      for (int p = 0; p < TW + kw_cap - 1; ++p) {
+        const int wi = w0 - kw_cap / 2 + p;
+        if (p < slot0 || p >= TW - 1 + slot_end || wi < 0 || wi >= g.width) continue;
+        A xv[VEC];
+        load_vec<VEC>(x_row + static_cast<IndexT>(wi) * g.channels, xv);
+#pragma unroll
+        for (int t = 0; t < TW; ++t) {
+          const int s = p - t;
+          // Outside [slot0, slot_end) the weight is zero but x may be inf: skip, don't multiply.
+          if (s >= 0 && s < kw_cap && s >= slot0 && s < slot_end) {
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) acc[t][v] += w_slot[s][v] * xv[v];
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- host-side dispatch --------------------------------------------------------------------------
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return f(TypeTag<float>{});
+    case DType::kFloat16:
+      return f(TypeTag<__half>{});
+    case DType::kBFloat16:
+      return f(TypeTag<__nv_bfloat16>{});
+    case DType::kFloat64:
+      return f(TypeTag<double>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+inline bool valid_kernel_size(int k) { return k >= 1 && k <= kMaxKernelSize && k % 2 == 1; }
+
+inline bool valid_shape(const ConvShape& s) {
+  return s.batch >= 0 && s.depth >= 0 && s.height >= 0 && s.width >= 0 && s.channels >= 0 &&
+         valid_kernel_size(s.kernel_d) && valid_kernel_size(s.kernel_h) &&
+         valid_kernel_size(s.kernel_w);
+}
+
+inline int64_t numel(const ConvShape& s) {
+  return s.batch * s.depth * s.height * s.width * s.channels;
+}
+
+// int32 offsets are cheaper (fewer registers, 32-bit multiplies) and suffice unless an offset
+// into the activations can pass 2^31 - 1.
+inline bool needs_int64_index(const ConvShape& s) {
+  return numel(s) > std::numeric_limits<int32_t>::max();
+}
+
+inline bool aligned_to(const void* p, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace uniformer_kernels::cuda::detail
