@@ -54,7 +54,7 @@ def bench_params(settings) -> list[dict]:
     params = []
     for name in names:
         for mode in settings.modes:
-            for impl in settings.impls:
+            for impl in settings.impls or ("eager", "compile"):
                 params.append(dict(cases[name], case=name, mode=mode, impl=impl,
                                    id=f"{name}-{mode}-{impl}"))
     return params

@@ -38,7 +38,9 @@ def pytest_addoption(parser):
     g.addoption("--models", default=None,
                 help="comma-separated case names to run, in that order (default: all)")
     g.addoption("--modes", default="fwd,fwd+bwd", help="comma-separated: fwd, fwd+bwd")
-    g.addoption("--impls", default="eager,compile", help="comma-separated: eager, compile, ...")
+    g.addoption("--impls", default=None,
+                help="comma-separated implementations to time (default: every one the bench knows; "
+                     "bench_models: eager, compile; op benches add theirs, e.g. ours)")
     g.addoption("--budget", type=float, default=None,
                 help="seconds of timed rounds per case (default: CPU 3, GPU 0.5; --quick 0.3)")
     g.addoption("--threads", type=int, default=None,
