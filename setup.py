@@ -74,6 +74,10 @@ def cuda_build():
         problem = f"torch {torch.__version__} is a CPU-only build"
     elif cpp_extension.CUDA_HOME is None:
         problem = "nvcc not found (put it on PATH or set CUDA_HOME)"
+    elif not Path(cpp_extension.CUDA_HOME, "include", "cuda_runtime.h").is_file():
+        # torch guesses CUDA_HOME from nvcc's location, which a wrapper script on PATH misleads.
+        problem = (f"CUDA_HOME={cpp_extension.CUDA_HOME} has no include/cuda_runtime.h; "
+                   "set CUDA_HOME to the CUDA toolkit (e.g. /usr/local/cuda)")
     else:
         return True, f"torch CUDA {torch.version.cuda}, nvcc in {cpp_extension.CUDA_HOME}"
     if force == "1":
