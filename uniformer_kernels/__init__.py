@@ -1,6 +1,7 @@
 """Fused kernels for the UniFormer family, each checked against an eager PyTorch reference.
 
     import uniformer_kernels as uk
+    uk.accelerate(model)            # UniFormer's blocks switched to the fused ones, in place
     uk.print_info()                 # versions, device, compiled extension, backends and why
     with uk.backend("eager"): ...   # force a backend (or set UNIFORMER_KERNELS_BACKEND)
 
@@ -13,14 +14,15 @@ import platform
 
 import torch
 
-from . import _extension, backends, ops
+from . import _extension, backends, nn, ops
 from .backends import available_backends, backend, current_backend
+from .convert import accelerate
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "__version__", "info", "format_info", "print_info",
-    "backend", "current_backend", "available_backends", "backends", "ops",
+    "__version__", "accelerate", "info", "format_info", "print_info",
+    "backend", "current_backend", "available_backends", "backends", "nn", "ops",
 ]
 
 

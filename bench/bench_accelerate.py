@@ -1,0 +1,154 @@
+"""Whole models through ``uk.accelerate``: forward and forward+backward of the reference eager,
+``torch.compile(reference)``, the accelerated model (``ours``) and ``torch.compile(accelerated)``
+(``ours+compile``), with the FLOP roofline and the peak memory of one step.
+
+Cases (each with its own batch; ``--batch`` does not apply): UniFormer-S at batch 1 and 8, XXS at
+batch 8 (image side --img-size, default 224), video S at batch 1 (--frames x --img-size, default
+8x224), the dense S hybrid backbone (windows of 14) at batch 1 (--dense-size, default 512).
+
+Protocol as bench_models.py: eval under no_grad for fwd, train() with dropout and drop path at 0
+for fwd+bwd (loss ``out.float().square().mean()`` summed over outputs); compile warm-ups are not
+timed (``compile_s``). Peak memory: the most memory the step holds at once beyond what was live
+before it (CUDA: the caching allocator's peak; CPU: the profiler's allocation events), measured in
+one extra call before the timing (after the compile warm-up); it is the row's ``peak_mib`` and
+the ``accelerate_memory.md`` table next to the results.
+
+    python -m pytest bench/bench_accelerate.py -s                         # full run
+    python -m pytest bench/bench_accelerate.py -s --quick --models uniformer_small-bs1 \\
+        --modes fwd --impls eager,ours                                    # smoke run
+"""
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench import harness
+from bench.bench_models import _count_flops, _set_mode, _step_fn
+from bench.conftest import bench_session
+from bench.shapes import DENSE_CASES, build_model, model_input
+from uniformer_kernels.convert import accelerate
+
+IMPLS = ("eager", "compile", "ours", "ours+compile")
+# case -> model, create_model kwargs, kind (image | video | dense), batch
+CASES = {
+    "uniformer_small-bs1": ("uniformer_small", {}, "image", 1),
+    "uniformer_small-bs8": ("uniformer_small", {}, "image", 8),
+    "uniformer_xxs-bs8": ("uniformer_xxs", {}, "image", 8),
+    "uniformer_small_video-bs1": ("uniformer_small_video", {}, "video", 1),
+    "dense_small_hybrid-bs1": (*DENSE_CASES["dense_small_hybrid"], "dense", 1),
+}
+
+
+def bench_params(settings) -> list[dict]:
+    names = settings.models or list(CASES)
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise ValueError(f"--models: unknown {unknown}; known: {', '.join(CASES)}")
+    bad = [i for i in settings.impls or () if i not in IMPLS]
+    if bad:
+        raise ValueError(f"--impls: bench_accelerate knows {', '.join(IMPLS)}, not {bad}")
+    params = []
+    for name in names:
+        model, kwargs, kind, batch = CASES[name]
+        for mode in settings.modes:
+            for impl in settings.impls or IMPLS:
+                params.append(dict(case=name, model=model, kwargs=kwargs, kind=kind, batch=batch,
+                                   mode=mode, impl=impl, id=f"{name}-{mode}-{impl}"))
+    return params
+
+
+def _input(case: dict, settings) -> torch.Tensor:
+    if case["kind"] == "dense":
+        return model_input(case["batch"], settings.dense_size)
+    frames = settings.frames if case["kind"] == "video" else None
+    return model_input(case["batch"], settings.img_size, frames)
+
+
+def peak_memory_mib(fn, device: torch.device) -> float:
+    """MiB allocated at the step's high-water mark beyond what was live before it."""
+    harness.free_memory(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def test_accelerate(bench_case, meter):
+    error = _run_case(bench_case, meter)
+    if error:
+        pytest.fail(error.strip().splitlines()[-1], pytrace=False)
+
+
+def _run_case(case: dict, meter) -> str | None:
+    s = meter.settings
+    name, mode, impl = case["case"], case["mode"], case["impl"]
+    torch.manual_seed(0)
+    model = _set_mode(build_model(case["model"], **case["kwargs"]), mode)
+    x = _input(case, s).to(dtype=s.torch_dtype)
+    shape = {"input": list(x.shape)}
+    flops = meter.cached(("flops", name, mode), lambda: _count_flops(model, x.float(), mode))
+    compile_s = None
+    try:
+        model = model.to(device=meter.device, dtype=meter.dtype)
+        x = x.to(meter.device)
+        if impl.startswith("ours"):
+            model = accelerate(model)
+        if impl.endswith("compile"):
+            torch._dynamo.reset()  # fresh caches: earlier cases must not eat the recompile limit
+            fn = _step_fn(torch.compile(model, mode=s.compile_mode), x, mode)
+            compile_s = harness.timed_call(fn, meter.device)
+        else:
+            fn = _step_fn(model, x, mode)
+        peak = peak_memory_mib(fn, meter.device)
+        meter.measure(fn, case=name, mode=mode, impl=impl, shape=shape, flops=flops,
+                      batch=case["batch"], compile_s=compile_s, extra={"peak_mib": peak})
+        meter.say(f"    peak memory {peak:.0f} MiB")
+        return None
+    except Exception:
+        error = traceback.format_exc()
+        meter.fail(error, case=name, mode=mode, impl=impl, shape=shape, batch=case["batch"],
+                   compile_s=compile_s)
+        return error
+    finally:
+        if impl.endswith("compile"):
+            torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def memory_table(request):
+    """After the module: the peak memory of every case as a table next to the timing results."""
+    yield
+    sess = bench_session(request.config)
+    rows = [r for r in sess.rows.get("accelerate", []) if r.get("peak_mib") is not None]
+    if not rows:
+        return
+    impls = [i for i in IMPLS if any(r["impl"] == i for r in rows)]
+    lines = ["# accelerate — peak memory of one step (MiB beyond what was live before it)", "",
+             "| case | mode | " + " | ".join(impls) + " |",
+             "|---|---|" + "--:|" * len(impls)]
+    table: dict[tuple, dict] = {}
+    for r in rows:
+        table.setdefault((r["case"], r["mode"]), {})[r["impl"]] = r["peak_mib"]
+    for (case, mode), by_impl in table.items():
+        cells = [f"{by_impl[i]:.0f}" if i in by_impl else "" for i in impls]
+        lines.append(f"| {case} | {mode} | " + " | ".join(cells) + " |")
+    path = Path(sess.settings.results_dir) / sess.env()["device_slug"] / "accelerate_memory.md"
+    path.write_text("\n".join(lines) + "\n")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"results: {path}")
