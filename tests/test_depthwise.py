@@ -163,6 +163,16 @@ def test_cpu_kernels_on_uniformer_shapes(shape, kernel):
 
 
 @pytest.mark.skipif(not _extension.loaded(), reason="uniformer_kernels._C not built")
+def test_cpu_kernels_stream_large_outputs_with_unaligned_rows():
+    """Input + output above 8 MiB: rows are computed in a buffer and streamed out with
+    non-temporal stores; a row of 183 x 37 values starts at every alignment, so the scalar head
+    and tail around the 16-byte stores are exercised."""
+    x, weight, bias = make_inputs(2, 37, (181, 183), (3, 5), memory_format=torch.channels_last)
+    assert 2 * x.nbytes >= 8 << 20
+    check_depthwise("cpu", x, weight, bias, residual=True)
+
+
+@pytest.mark.skipif(not _extension.loaded(), reason="uniformer_kernels._C not built")
 def test_cpu_weight_gradient_is_deterministic():
     x, weight, bias = make_inputs(3, 24, (5, 9, 11), (3, 3, 3))
     x.requires_grad_(), weight.requires_grad_()

@@ -24,8 +24,10 @@ struct ConvShape {
 template <typename T>
 struct DepthwiseKernels {
   // y[row] = bias + depthwise_conv(x)[row] (+ x[row] when residual), for rows [begin, end).
+  // row_buffer: nullptr, or W * C values of scratch through which rows are streamed to y with
+  // non-temporal stores (for outputs that will not stay in cache anyway).
   void (*forward)(const T* x, const T* weight, const T* bias, bool residual, T* y,
-                  const ConvShape& shape, int64_t begin, int64_t end);
+                  const ConvShape& shape, int64_t begin, int64_t end, T* row_buffer);
   // Adds this row range's contribution to grad_weight (KD, KH, KW, C) and grad_bias (C).
   void (*weight_grad)(const T* grad_y, const T* x, T* grad_weight, T* grad_bias,
                       const ConvShape& shape, int64_t begin, int64_t end);

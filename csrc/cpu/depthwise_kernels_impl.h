@@ -129,13 +129,12 @@ inline void over_channels(int64_t C, Kernel&& kernel) {
 // One output row. The W loop is outside the channel loop so that the few input pixels a block of
 // outputs reads (OWB + KW - 1 per tap row, all channels) stay in L1 while every channel uses them.
 template <typename T, int KW>
-void forward_row(const T* x, const T* weight, const T* bias, bool residual, T* y,
+void forward_row(const T* x, const T* weight, const T* bias, bool residual, T* y_row,
                  const ConvShape& s, int64_t row) {
   constexpr int OWB = KW >= 7 ? 4 : 8;  // accumulators + KW weights + 1 input fit 16 registers
   const TapRows<T> taps(x, weight, s, row);
   const int64_t C = s.channels, W = s.width;
   const T* residual_row = residual ? x + row * W * C : nullptr;
-  T* y_row = y + row * W * C;
   auto border = [&](int64_t ow) {
     over_channels<T>(C, [&](auto lane_type, int64_t c) {
       forward_border<decltype(lane_type), T, KW>(taps, bias, residual_row, y_row, ow, c, C, W);
@@ -146,10 +145,17 @@ void forward_row(const T* x, const T* weight, const T* bias, bool residual, T* y
   const int64_t interior_begin = min64(KW / 2, W), interior_end = max64(W - KW / 2, interior_begin);
   for (int64_t ow = 0; ow < interior_begin; ++ow) border(ow);
   int64_t ow = interior_begin;
-  for (; ow + OWB <= interior_end; ow += OWB)
+  // The input row the next output row reads first (its last tap row, h + KH/2 + 1), fetched from
+  // memory while this row computes; the flat next row stands in for it at image/depth edges.
+  const int64_t ahead = row + s.kernel_h / 2 + 1;
+  const T* prefetch_row = ahead < s.rows() ? x + ahead * W * C : nullptr;
+  for (; ow + OWB <= interior_end; ow += OWB) {
+    if (prefetch_row)
+      for (int64_t i = ow * C; i < (ow + OWB) * C; i += 64 / sizeof(T)) __builtin_prefetch(prefetch_row + i);
     over_channels<T>(C, [&](auto lane_type, int64_t c) {
       forward_block<decltype(lane_type), T, KW, OWB>(taps, bias, residual_row, y_row, ow, c, C);
     });
+  }
   if (OWB > 4 && ow + 4 <= interior_end) {  // a half block before single outputs (56 = 2 + 6x8 + 4 + 2 + 2)
     over_channels<T>(C, [&](auto lane_type, int64_t c) {
       forward_block<decltype(lane_type), T, KW, 4>(taps, bias, residual_row, y_row, ow, c, C);
@@ -163,10 +169,43 @@ void forward_row(const T* x, const T* weight, const T* bias, bool residual, T* y
   for (; ow < W; ++ow) border(ow);
 }
 
+// Copies a row from the L1-resident buffer it was computed in to memory with non-temporal stores:
+// the output lines are written whole, without first being read for ownership (a third of a
+// memory-bound conv's traffic) and without evicting the input rows still to be read.
+template <typename T>
+inline void stream_row(T* dst, const T* src, int64_t n) {
+  int64_t i = 0;
+#if defined(__x86_64__)
+  typedef T vec16 __attribute__((vector_size(16)));
+  constexpr int L = 16 / sizeof(T);
+  for (; i < n && reinterpret_cast<uintptr_t>(dst + i) % 16 != 0; ++i) dst[i] = src[i];
+  for (; i + L <= n; i += L) {
+    if constexpr (sizeof(T) == 4)
+      __builtin_ia32_movntps(reinterpret_cast<float*>(dst + i), load<vec16, T>(src + i));
+    else
+      __builtin_ia32_movntpd(reinterpret_cast<double*>(dst + i), load<vec16, T>(src + i));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+// row_buffer (W * C values) or nullptr: with a buffer, each row is computed there and streamed out
+// (outputs too large to stay in cache); without, computed in place.
 template <typename T, int KW>
 void forward_rows(const T* x, const T* weight, const T* bias, bool residual, T* y,
-                  const ConvShape& s, int64_t begin, int64_t end) {
-  for (int64_t row = begin; row < end; ++row) forward_row<T, KW>(x, weight, bias, residual, y, s, row);
+                  const ConvShape& s, int64_t begin, int64_t end, T* row_buffer) {
+  const int64_t row_size = s.width * s.channels;
+  for (int64_t row = begin; row < end; ++row) {
+    if (row_buffer == nullptr) {
+      forward_row<T, KW>(x, weight, bias, residual, y + row * row_size, s, row);
+      continue;
+    }
+    forward_row<T, KW>(x, weight, bias, residual, row_buffer, s, row);
+    stream_row<T>(y + row * row_size, row_buffer, row_size);
+  }
+#if defined(__x86_64__)
+  if (row_buffer != nullptr) __builtin_ia32_sfence();  // order the streamed rows before the join
+#endif
 }
 
 // ---- weight gradient ----------------------------------------------------------------------------
@@ -285,7 +324,7 @@ void pos_embed_norm_rows(const T* x, const T* weight, const T* bias, const T* no
                          const ConvShape& s, int64_t begin, int64_t end) {
   const int64_t C = s.channels, W = s.width;
   for (int64_t row = begin; row < end; ++row) {
-    forward_row<T, KW>(x, weight, bias, /*residual=*/true, y, s, row);
+    forward_row<T, KW>(x, weight, bias, /*residual=*/true, y + row * W * C, s, row);
     for (int64_t ow = 0; ow < W; ++ow) {
       const int64_t pixel = row * W + ow;
       norm_pixel<T>(y + pixel * C, norm_weight, norm_bias, layer_norm, eps, z + pixel * C,
@@ -298,12 +337,12 @@ void pos_embed_norm_rows(const T* x, const T* weight, const T* bias, const T* no
 
 template <typename T>
 void forward_dispatch(const T* x, const T* weight, const T* bias, bool residual, T* y,
-                      const ConvShape& s, int64_t begin, int64_t end) {
+                      const ConvShape& s, int64_t begin, int64_t end, T* row_buffer) {
   switch (s.kernel_w) {
-    case 1: return forward_rows<T, 1>(x, weight, bias, residual, y, s, begin, end);
-    case 3: return forward_rows<T, 3>(x, weight, bias, residual, y, s, begin, end);
-    case 5: return forward_rows<T, 5>(x, weight, bias, residual, y, s, begin, end);
-    default: return forward_rows<T, 7>(x, weight, bias, residual, y, s, begin, end);
+    case 1: return forward_rows<T, 1>(x, weight, bias, residual, y, s, begin, end, row_buffer);
+    case 3: return forward_rows<T, 3>(x, weight, bias, residual, y, s, begin, end, row_buffer);
+    case 5: return forward_rows<T, 5>(x, weight, bias, residual, y, s, begin, end, row_buffer);
+    default: return forward_rows<T, 7>(x, weight, bias, residual, y, s, begin, end, row_buffer);
   }
 }
 
