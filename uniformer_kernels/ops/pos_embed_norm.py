@@ -107,13 +107,12 @@ def _pos_embed_norm_backward(grad_y: torch.Tensor, grad_z: torch.Tensor, x: torc
     if norm == 1:
         grad_y_from_z = g * norm_weight.to(acc)
         grad_norm_weight = (g * y_pixels).sum(0)
-    else:
-        y_hat = (y_pixels - mean[:, None]) * rstd[:, None]
-        g_hat = g * norm_weight.to(acc)
-        grad_y_from_z = rstd[:, None] * (g_hat - g_hat.mean(1, keepdim=True)
-                                         - y_hat * (g_hat * y_hat).mean(1, keepdim=True))
-        grad_norm_weight = (g * y_hat).sum(0)
-    grad_norm_bias = g.sum(0)
+        grad_norm_bias = g.sum(0)
+    else:  # ATen's fused LayerNorm backward, on the statistics the forward kernel saved
+        w = norm_weight.to(acc)
+        # the bias argument only shapes grad_bias (ATen refuses None when grad_bias is wanted)
+        grad_y_from_z, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
+            g, y_pixels, [g.shape[1]], mean.to(acc), rstd.to(acc), w, w, [True, True, True])
     grad_y5 = common.to_channels_last_5d(grad_y).to(acc) + grad_y_from_z.view(
         common.to_channels_last_5d(grad_y).shape)
     grad_y_total = common.from_channels_last_5d(grad_y5, x).to(x.dtype)
