@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,7 +91,9 @@ def main(argv=None) -> int:
     # batch 1 would make train-mode classification blind: the last BatchNorm then normalises each
     # channel over space alone, so the pooled features, logits and loss no longer depend on x
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
+    parser.add_argument("--results-dir", type=Path, default=None,
+                        help=f"default {DEFAULT_RESULTS_DIR}; with --quick a temp dir, so a smoke "
+                             f"run never overwrites the committed results (as the benches do)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: one model of each kind at tiny sizes")
@@ -98,6 +101,9 @@ def main(argv=None) -> int:
     if args.quick:
         args.img_size, args.dense_size, args.frames = 64, 128, 2
         args.models = args.models or QUICK_CASES
+    if args.results_dir is None:
+        args.results_dir = (Path(tempfile.gettempdir()) / "uniformer_kernels_bench_quick"
+                             if args.quick else DEFAULT_RESULTS_DIR)
     device = torch.device(args.device)
     # float32 means float32: TF32 convs/matmuls (cuDNN's default) would read as a 1e-3 "error"
     torch.backends.cudnn.allow_tf32 = False
