@@ -14,8 +14,8 @@ one extra call before the timing (after the compile warm-up); it is the row's ``
 the ``accelerate_memory.md`` table next to the results.
 
     python -m pytest bench/bench_accelerate.py -s                         # full run
-    python -m pytest bench/bench_accelerate.py -s --quick --models uniformer_small-bs1 \\
-        --modes fwd --impls eager,ours                                    # smoke run
+    python -m pytest bench/bench_accelerate.py -s --quick                 # smoke run: S bs 1,
+                                                                          # small input
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ CASES = {
 
 
 def bench_params(settings) -> list[dict]:
-    names = settings.models or list(CASES)
+    # --quick: one case (each torch.compile warm-up takes a minute or two on a small CPU)
+    names = settings.models or (["uniformer_small-bs1"] if settings.quick else list(CASES))
     unknown = [n for n in names if n not in CASES]
     if unknown:
         raise ValueError(f"--models: unknown {unknown}; known: {', '.join(CASES)}")
