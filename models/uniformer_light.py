@@ -29,6 +29,53 @@ def _gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, indices.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def update_scores(global_attn: torch.Tensor | None, cls_attn: torch.Tensor,
+                  trade_off: float) -> torch.Tensor:
+    """The running token scores after an attention whose class-token row (B, N - 1) is cls_attn,
+    as the official Attention updates them inline."""
+    t, N = trade_off, cls_attn.shape[1] + 1
+    if global_attn is None:
+        return cls_attn
+    if global_attn.shape[1] == N - 1:  # every patch token attended: update every score
+        return (1 - t) * global_attn + t * cls_attn
+    # pruned: update the N - 2 informative tokens' scores (last token is representative)
+    informative = (1 - t) * global_attn[:, :N - 2] + t * cls_attn[:, :-1]
+    return torch.cat((informative, global_attn[:, N - 2:]), dim=1)
+
+
+def prune_tokens(x: torch.Tensor, global_attn: torch.Tensor, token_indices: torch.Tensor,
+                 n_keep: int):
+    """Sorts tokens (B, N, C), their scores and original positions by descending score and merges
+    the dropped tokens into one, weighted by their normalised scores.
+    Returns (x_info, x_drop, rep_token, global_attn, token_indices), the last two sorted."""
+    order = torch.argsort(global_attn, dim=1, descending=True)
+    x_sorted = _gather_tokens(x, order)
+    global_attn = _gather_tokens(global_attn, order)
+    token_indices = _gather_tokens(token_indices, order)
+    x_info, x_drop = x_sorted[:, :n_keep], x_sorted[:, n_keep:]
+    score = global_attn[:, n_keep:]
+    weight = score / torch.sum(score, dim=1, keepdim=True)
+    rep_token = torch.sum(weight.unsqueeze(-1) * x_drop, dim=1, keepdim=True)
+    return x_info, x_drop, rep_token, global_attn, token_indices
+
+
+def restore_tokens(block: nn.Module, x_sorted: torch.Tensor, global_attn: torch.Tensor,
+                   token_indices: torch.Tensor, grid: tuple[int, int]):
+    """The sorted tokens, scores and positions back in the original order; with
+    ``block.downsample`` the score map pooled 2x2 for the next stage, keeping its sum."""
+    old_global_scale = torch.sum(global_attn, dim=1, keepdim=True)
+    restore = torch.argsort(token_indices, dim=1)
+    x = _gather_tokens(x_sorted, restore)
+    global_attn = _gather_tokens(global_attn, restore)
+    token_indices = _gather_tokens(token_indices, restore)
+    if block.downsample:
+        B = global_attn.shape[0]
+        global_attn = block.avgpool(global_attn.reshape(B, 1, *grid)).view(B, -1)
+        new_global_scale = torch.sum(global_attn, dim=1, keepdim=True)
+        global_attn = global_attn * (old_global_scale / new_global_scale)
+    return x, global_attn, token_indices
+
+
 class EvoSABlock(nn.Module):
     """SABlock over [cls token, patch tokens] that, when ``prune_ratio < 1``, attends only over the
     top ``prune_ratio`` tokens by running score plus one representative token that merges the rest.
@@ -66,15 +113,7 @@ class EvoSABlock(nn.Module):
     def _attend(self, x: torch.Tensor, global_attn: torch.Tensor | None):
         """Attention branch plus the running-score update the official Attention does inline."""
         out, cls_attn = self.attn(self.norm1(x), return_cls_attn=True)
-        t = self.trade_off
-        N = x.shape[1]
-        if global_attn is None:
-            global_attn = cls_attn
-        elif global_attn.shape[1] == N - 1:  # every patch token attended: update every score
-            global_attn = (1 - t) * global_attn + t * cls_attn
-        else:  # pruned: update the N - 2 informative tokens' scores (last token is representative)
-            informative = (1 - t) * global_attn[:, :N - 2] + t * cls_attn[:, :-1]
-            global_attn = torch.cat((informative, global_attn[:, N - 2:]), dim=1)
+        global_attn = update_scores(global_attn, cls_attn, self.trade_off)
         return out, global_attn
 
     def _scaled(self, gamma_name: str, branch: torch.Tensor) -> torch.Tensor:
@@ -96,17 +135,8 @@ class EvoSABlock(nn.Module):
 
         N = x.shape[1]
         n_keep = int(N * self.prune_ratio)
-        # sort tokens, their scores and their original positions by descending score
-        order = torch.argsort(global_attn, dim=1, descending=True)
-        x_sorted = _gather_tokens(x, order)
-        global_attn = _gather_tokens(global_attn, order)
-        token_indices = _gather_tokens(token_indices, order)
-
-        x_info, x_drop = x_sorted[:, :n_keep], x_sorted[:, n_keep:]
-        # merge the dropped tokens into one, weighted by their normalised scores
-        score = global_attn[:, n_keep:]
-        weight = score / torch.sum(score, dim=1, keepdim=True)
-        rep_token = torch.sum(weight.unsqueeze(-1) * x_drop, dim=1, keepdim=True)
+        x_info, x_drop, rep_token, global_attn, token_indices = prune_tokens(
+            x, global_attn, token_indices, n_keep)
         x = torch.cat((cls_token, x_info, rep_token), dim=1)
 
         # slow update of the attended tokens; the representative's updates ("fast update") are
@@ -121,18 +151,9 @@ class EvoSABlock(nn.Module):
 
         cls_token = x[:, :1]
         x_sorted = torch.cat((x[:, 1:-1], x_drop), dim=1)
-        old_global_scale = torch.sum(global_attn, dim=1, keepdim=True)
-        # restore the original token order
-        restore = torch.argsort(token_indices, dim=1)
-        x = _gather_tokens(x_sorted, restore)
-        global_attn = _gather_tokens(global_attn, restore)
-        token_indices = _gather_tokens(token_indices, restore)
+        x, global_attn, token_indices = restore_tokens(self, x_sorted, global_attn, token_indices,
+                                                       (H, W))
         x = x.transpose(1, 2).reshape(B, C, H, W)
-
-        if self.downsample:  # pool the score map 2x2 for the next stage, keeping its sum
-            global_attn = self.avgpool(global_attn.reshape(B, 1, H, W)).view(B, -1)
-            new_global_scale = torch.sum(global_attn, dim=1, keepdim=True)
-            global_attn = global_attn * (old_global_scale / new_global_scale)
         return cls_token, x, global_attn, token_indices
 
 

@@ -5,7 +5,7 @@ token pruning, the running scores carried explicitly as in the reference:
 
 The class token's attention row comes out of the fused attention (op 4, ``return_cls_attn``)
 instead of a materialised attention matrix; the GEMMs add their residuals in the call. The token
-sort, merge and restore are the reference's gathers.
+sort, merge, restore and score update are the reference's own functions.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from uniformer_models import uniformer_light as reference
-from uniformer_models.uniformer_light import _gather_tokens
+from uniformer_models.uniformer_light import prune_tokens, restore_tokens, update_scores
 
 from ..ops.depthwise import depthwise_conv
 from ._base import Accelerated, add_linear, channels_last, gamma, like, to_map, tokens
@@ -50,7 +50,7 @@ class EvoSABlock(Accelerated, reference.EvoSABlock):
         if self._dropout_active():
             return self._reference_forward(cls_token, x, global_attn, token_indices)
         x = channels_last(x)
-        B, C, H, W = x.shape
+        H, W = x.shape[2:]
         pe = self.pos_embed
         x_tokens = tokens(depthwise_conv(x, like(pe.weight, x), like(pe.bias, x), residual=True))
 
@@ -61,16 +61,8 @@ class EvoSABlock(Accelerated, reference.EvoSABlock):
 
         N = x_tokens.shape[1]
         n_keep = int(N * self.prune_ratio)
-        # sort tokens, their scores and their original positions by descending score
-        order = torch.argsort(global_attn, dim=1, descending=True)
-        x_sorted = _gather_tokens(x_tokens, order)
-        global_attn = _gather_tokens(global_attn, order)
-        token_indices = _gather_tokens(token_indices, order)
-        x_info, x_drop = x_sorted[:, :n_keep], x_sorted[:, n_keep:]
-        # merge the dropped tokens into one, weighted by their normalised scores
-        score = global_attn[:, n_keep:]
-        weight = score / torch.sum(score, dim=1, keepdim=True)
-        rep_token = torch.sum(weight.unsqueeze(-1) * x_drop, dim=1, keepdim=True)
+        x_info, x_drop, rep_token, global_attn, token_indices = prune_tokens(
+            x_tokens, global_attn, token_indices, n_keep)
         seq = torch.cat((cls_token, x_info, rep_token), dim=1)
 
         # slow update of the attended tokens; the representative's updates (fast update) are
@@ -80,34 +72,16 @@ class EvoSABlock(Accelerated, reference.EvoSABlock):
         fast_update = fast_update if g3 is None else g3 * fast_update
         x_drop = x_drop + fast_update.expand(-1, N - n_keep, -1)
 
-        cls_token = seq[:, :1]
         x_sorted = torch.cat((seq[:, 1:-1], x_drop), dim=1)
-        old_global_scale = torch.sum(global_attn, dim=1, keepdim=True)
-        # restore the original token order
-        restore = torch.argsort(token_indices, dim=1)
-        x_tokens = _gather_tokens(x_sorted, restore)
-        global_attn = _gather_tokens(global_attn, restore)
-        token_indices = _gather_tokens(token_indices, restore)
-
-        if self.downsample:  # pool the score map 2x2 for the next stage, keeping its sum
-            global_attn = self.avgpool(global_attn.reshape(B, 1, H, W)).view(B, -1)
-            new_global_scale = torch.sum(global_attn, dim=1, keepdim=True)
-            global_attn = global_attn * (old_global_scale / new_global_scale)
-        return cls_token, to_map(x_tokens, x.shape), global_attn, token_indices
+        x_tokens, global_attn, token_indices = restore_tokens(self, x_sorted, global_attn,
+                                                              token_indices, (H, W))
+        return seq[:, :1], to_map(x_tokens, x.shape), global_attn, token_indices
 
     def _attention_mlp(self, seq: torch.Tensor, global_attn: torch.Tensor | None):
         """The transformer block on ``seq`` (B, N, C), the running-score update, and the
         unscaled attention + MLP branches of the last token (the representative, when pruned)."""
         o, cls_attn = attend(self.attn, self.norm1(seq), return_cls_attn=True)
-        cls_attn = cls_attn.to(seq.dtype)
-        t, N = self.trade_off, seq.shape[1]
-        if global_attn is None:
-            global_attn = cls_attn
-        elif global_attn.shape[1] == N - 1:  # every patch token attended: update every score
-            global_attn = (1 - t) * global_attn + t * cls_attn
-        else:  # pruned: update the N - 2 informative tokens' scores (last token is representative)
-            informative = (1 - t) * global_attn[:, :N - 2] + t * cls_attn[:, :-1]
-            global_attn = torch.cat((informative, global_attn[:, N - 2:]), dim=1)
+        global_attn = update_scores(global_attn, cls_attn.to(seq.dtype), self.trade_off)
 
         proj, fc2 = self.attn.proj, self.mlp.fc2
         seq1 = add_linear(self, seq, o, proj.weight, proj.bias, gamma(self, "gamma_1"))
