@@ -1,5 +1,6 @@
-"""Op 4, attention, on every backend this machine runs (eager; cpu, PyTorch's CPU flash kernel, at
-real UniFormer sizes; Triton in its interpreter on small shapes) against float64 references taken
+"""Op 4, attention, on every backend this machine runs (eager; cpu, the C++ kernel and, for windows
+and 16-bit inputs, PyTorch's CPU flash kernel, at real UniFormer sizes; Triton in its interpreter
+on small shapes) against float64 references taken
 from the reference modules themselves: forward, the qkv gradient and the qkv-bias gradient of
 global attention (Attention), the class-token row (EvoSABlock), windows with the reference padding
 (SABlock_Windows) and split video attention (SplitSABlock); layouts, poisoned buffers,
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -334,6 +336,44 @@ def test_noncontiguous_qkv(backend):
         (grad,) = torch.autograd.grad(attention(token_major, 2, **case.kwargs).sum(), token_major)
     ref = case.ref_grads(torch.ones_like(case.ref_out), None)[0]
     assert_rel_close(grad, ref, tolerance(torch.float32, "attention"), f"{backend} grad of sum")
+
+
+def reference_attention(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """Plain float64 global attention on (B, N, 3C)."""
+    q, k, v = qkv.double().unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4)
+    probs = torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1)
+    return (probs @ v).transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_scores_and_nan(backend):
+    """Scores in the thousands (one key dominates, the rest underflow to 0) stay exact; a NaN in
+    one token's q makes that sequence's output rows NaN and leaves the other sequence alone."""
+    qkv = torch.randn(2, 37, 3 * 64) * 12  # q.k ~ 1e4: exp underflows for all but the top key
+    with uk.backend(backend):
+        out = attention(qkv, 2, scale=1.0)
+    assert_rel_close(out, reference_attention(qkv, 2, 1.0), tolerance(torch.float32, "attention"),
+                     f"{backend} extreme scores")
+    qkv[1, 5, 3] = float("nan")  # head 0's q of token 5 in sequence 1
+    with uk.backend(backend):
+        out = attention(qkv, 2)
+    assert out[1, 5, :32].isnan().all()
+    assert not out[0].isnan().any()
+
+
+@pytest.mark.skipif(not _extension.loaded() or sys.platform != "linux"
+                    or platform.machine() != "x86_64",
+                    reason="needs uniformer_kernels._C and torch's x86-64 Linux wheel (MKL inside)")
+def test_cpu_backend_runs_the_cpp_kernel_where_it_applies():
+    """float32/float64 global and split attention take the C++ kernel; windows and 16-bit inputs
+    the composition."""
+    assert _extension.CPU_ATTENTION, "torch links no sgemm_: the cpu backend fell back"
+    qkv = torch.randn(2, 12, 48)
+    assert attention_op._kernel_applies(qkv, None)
+    assert attention_op._kernel_applies(qkv.view(2, 3, 4, 48).transpose(1, 2), None)
+    assert attention_op._kernel_applies(qkv.double(), None)
+    assert not attention_op._kernel_applies(qkv.half(), None)
+    assert not attention_op._kernel_applies(qkv, attention_op.Window(2, 3, 4))
 
 
 @pytest.mark.parametrize("forward_backend,backward_backend", [

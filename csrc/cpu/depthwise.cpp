@@ -11,18 +11,11 @@
 
 #include <vector>
 
+#include "cpu_isa.h"
 #include "depthwise_kernels.h"
 
 namespace uniformer_kernels {
 namespace {
-
-bool cpu_has_avx2_fma() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
 
 // The widest kernel build this CPU runs (checked once).
 template <typename T>
@@ -157,8 +150,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pos_embed_norm_forwar
 }
 
 }  // namespace
-
-const char* cpu_kernel_isa() { return cpu_has_avx2_fma() ? "avx2" : "baseline"; }
 
 TORCH_LIBRARY(uniformer_kernels_C, m) {
   m.def("depthwise_conv_forward(Tensor x, Tensor weight, Tensor? bias, bool residual) -> Tensor");

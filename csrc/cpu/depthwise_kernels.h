@@ -38,9 +38,6 @@ struct DepthwiseKernels {
                          const ConvShape& shape, int64_t begin, int64_t end);
 };
 
-// "avx2" or "baseline": the build depthwise.cpp picked for this CPU (for the environment report).
-const char* cpu_kernel_isa();
-
 namespace baseline {
 template <typename T>
 DepthwiseKernels<T> kernels();

@@ -2,8 +2,9 @@
 // themselves with TORCH_LIBRARY / TORCH_LIBRARY_IMPL in their own files, which needs no entry here.
 #include <pybind11/pybind11.h>
 
+#include "attention_kernels.h"
 #include "build_info.h"
-#include "depthwise_kernels.h"
+#include "cpu_isa.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "uniformer_kernels compiled kernels (CPU always, CUDA when built with it)";
@@ -11,4 +12,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Compile-time facts about this build: CUDA, archs, OpenMP, SIMD, compiler, torch version.");
   m.def("cpu_kernel_isa", &uniformer_kernels::cpu_kernel_isa,
         "The instruction set of the CPU kernels chosen at run time for this CPU: avx2 or baseline.");
+  m.def("cpu_attention_available", &uniformer_kernels::available_cpu_attention,
+        "Whether torch links the BLAS gemm that the CPU attention kernel calls.");
 }

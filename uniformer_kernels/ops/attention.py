@@ -20,12 +20,12 @@ Variants (one op, chosen by the arguments):
   computes them after the softmax (the light models prune tokens by them). Differentiable.
 
 Backends: triton (CUDA default; CPU tensors under TRITON_INTERPRET=1 when forced), cpu and eager.
-cpu runs PyTorch's CPU flash-attention kernel on strided views of qkv: q, k and v are not copied
-and its output already is the (B, N, C) result (windows and temporal sequences, which no strided
-view expresses, are gathered first). It needs no compiled code, but it is the package's cpu backend,
-which ``backends`` reports available only when uniformer_kernels._C is loaded; without it the
-automatic choice is eager, so that forcing "cpu" means the same for every op. eager is the
-reference composition (score matrix, softmax, matmul) in the accumulation dtype.
+cpu runs the C++ kernel of csrc/cpu/attention.cpp for float32/float64 global and split attention:
+one task per (sequence, head), BLAS gemms straight on the strided q, k, v of qkv and into out, the
+L x L scores in a per-thread buffer that stays in cache, the class row taken from it. Windows and
+16-bit inputs go through PyTorch's CPU flash-attention kernel on views of qkv instead (windows are
+gathered first: no strided view expresses the padding). eager is the reference composition (score
+matrix, softmax, matmul) in the accumulation dtype.
 
 Registered as the custom op ``uniformer_kernels::attention`` -> (out, lse, cls_probs), with a fake
 implementation and autograd; its backward is the custom op
@@ -43,7 +43,7 @@ from typing import NamedTuple
 
 import torch
 
-from .. import backends
+from .. import _extension, backends
 
 MAX_HEAD_DIM = 128
 SUPPORTED_BACKENDS = ("triton", "cpu", "eager")
@@ -336,22 +336,49 @@ def _composed_backward(core, grad_out, grad_cls_probs, qkv, qkv_bias, out, lse, 
     return grad_qkv, grad_bias
 
 
-def _cpu_forward(qkv, qkv_bias, num_heads, scale, window, return_cls_attn):
-    return _composed_forward(_flash_core_forward, qkv, qkv_bias, num_heads, scale, window,
-                             return_cls_attn)
-
-
 def _eager_forward(qkv, qkv_bias, num_heads, scale, window, return_cls_attn):
     return _composed_forward(_eager_core_forward, qkv, qkv_bias, num_heads, scale, window,
                              return_cls_attn)
 
 
-def _cpu_backward(*args):
-    return _composed_backward(_flash_core_backward, *args)
-
-
 def _eager_backward(*args):
     return _composed_backward(_eager_core_backward, *args)
+
+
+# ---- cpu backend: the C++ kernel (csrc/cpu/attention.cpp) where it applies, else the composition
+# over PyTorch's CPU flash kernel (window mode, 16-bit dtypes, a strided last dim, no BLAS).
+
+def _kernel_applies(qkv, window) -> bool:
+    return (window is None and qkv.dtype in (torch.float32, torch.float64) and qkv.stride(-1) == 1
+            and _extension.loaded() and _extension.CPU_ATTENTION)
+
+
+def _as_sequences(t: torch.Tensor) -> torch.Tensor:
+    """(B, N, X) or (B1, B2, N, X) as the kernel's (S1, S2, L, X) view."""
+    return t.unsqueeze(0) if t.dim() == 3 else t
+
+
+def _cpu_forward(qkv, qkv_bias, num_heads, scale, window, return_cls_attn):
+    if not _kernel_applies(qkv, window):
+        return _composed_forward(_flash_core_forward, qkv, qkv_bias, num_heads, scale, window,
+                                 return_cls_attn)
+    out, lse, cls_probs = _empty_outputs(qkv, num_heads, window, return_cls_attn)
+    torch.ops.uniformer_kernels_C.attention_forward(_as_sequences(qkv), _as_sequences(out), lse,
+                                                    cls_probs, num_heads, scale)
+    return out, lse, cls_probs
+
+
+def _cpu_backward(grad_out, grad_cls_probs, qkv, qkv_bias, out, lse, cls_probs, num_heads, scale,
+                  window):
+    if not _kernel_applies(qkv, window):
+        return _composed_backward(_flash_core_backward, grad_out, grad_cls_probs, qkv, qkv_bias,
+                                  out, lse, cls_probs, num_heads, scale, window)
+    grad_qkv = torch.empty_like(qkv)
+    grad_cls_probs = lse.new_empty(0) if grad_cls_probs is None else grad_cls_probs.contiguous()
+    torch.ops.uniformer_kernels_C.attention_backward(
+        _as_sequences(grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()),
+        grad_cls_probs, _as_sequences(qkv), lse, _as_sequences(grad_qkv), num_heads, scale)
+    return grad_qkv, qkv.new_empty(0)  # no window, so no bias
 
 
 # ---- triton backend -----------------------------------------------------------------------------

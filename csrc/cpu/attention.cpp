@@ -1,0 +1,239 @@
+// Op 4's CPU kernel: attention on strided views of the packed qkv, one (sequence, head) per task.
+//
+// uniformer_kernels/ops/attention.py validates the arguments and calls these through
+// torch.ops.uniformer_kernels_C for float32/float64 global and split attention (windows and 16-bit
+// inputs take the composed path there). A task runs three steps on one head of one sequence:
+//   scores = scale * q k^T          BLAS gemm, read straight out of qkv (row stride = qkv's)
+//   probs  = softmax(scores)        in place, in a per-thread L x L buffer that stays in L2
+//   out    = probs v                BLAS gemm, written straight into out (row stride = out's)
+// (the forward divides out's rows by the softmax sums rather than normalising the L x L matrix).
+// Eager PyTorch runs the same three steps on every head at once: its score matrix (6 MB at
+// UniFormer-S stage 3, batch 8) leaves the cache between steps, and q, k, v and out go through
+// permute copies. The backward recomputes probs from the saved log-sum-exp the same way.
+//
+// The gemm is the BLAS that torch links (MKL on x86 wheels), looked up as a weak symbol so that a
+// torch without it still loads this library: available_cpu_attention() says whether it was found.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "attention_kernels.h"
+#include "cpu_isa.h"
+
+extern "C" {
+// Fortran BLAS, LP64 (32-bit ints); column-major.
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+namespace uniformer_kernels {
+namespace {
+
+// C (m x n) = alpha * op(A) op(B) + beta * C, column-major like BLAS. The row-major matrices below
+// are column-major transposes, which is how each call site reads.
+void gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const int mi = m, ni = n, ki = k, ldai = lda, ldbi = ldb, ldci = ldc;
+  sgemm_(&transa, &transb, &mi, &ni, &ki, &alpha, a, &ldai, b, &ldbi, &beta, c, &ldci);
+}
+
+void gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
+          const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  const int mi = m, ni = n, ki = k, ldai = lda, ldbi = ldb, ldci = ldc;
+  dgemm_(&transa, &transb, &mi, &ni, &ki, &alpha, a, &ldai, b, &ldbi, &beta, c, &ldci);
+}
+
+// A (seq_len x head_dim) block of a 4-D (S1, S2, L, X) tensor whose last dim is dense: the rows of one
+// head of one sequence, row stride ld.
+template <typename T>
+struct HeadRows {
+  T* data;
+  int64_t ld;
+};
+
+// The strided geometry shared by qkv, out, grad_out and grad_qkv: sequence s = s1 * S2 + s2.
+struct Sequences {
+  int64_t outer, inner, seq_len, heads, head_dim;
+
+  int64_t count() const { return outer * inner; }
+};
+
+template <typename T>
+HeadRows<T> head_rows(const at::Tensor& t, const Sequences& g, int64_t seq, int64_t channel_offset) {
+  const int64_t s1 = seq / g.inner, s2 = seq % g.inner;
+  T* base = t.data_ptr<T>() + s1 * t.stride(0) + s2 * t.stride(1) + channel_offset;
+  return {base, t.stride(2)};
+}
+
+Sequences check_qkv(const at::Tensor& qkv, int64_t num_heads) {
+  TORCH_CHECK(qkv.dim() == 4 && qkv.stride(3) == 1, "uniformer_kernels: expected a (S1, S2, L, 3C) qkv with a dense "
+              "last dim, got sizes ", qkv.sizes(), " strides ", qkv.strides());
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kDouble,
+              "uniformer_kernels: the CPU attention kernel takes float32 or float64, got ", qkv.scalar_type());
+  TORCH_CHECK(num_heads > 0 && qkv.size(3) % (3 * num_heads) == 0, "uniformer_kernels: last dim ", qkv.size(3),
+              " is not 3 * heads * head_dim for ", num_heads, " heads");
+  const Sequences g{qkv.size(0), qkv.size(1), qkv.size(2), num_heads, qkv.size(3) / (3 * num_heads)};
+  TORCH_CHECK(g.seq_len <= std::numeric_limits<int>::max() / std::max<int64_t>(1, g.seq_len),
+              "uniformer_kernels: sequence length ", g.seq_len, " too long for a 32-bit BLAS");
+  return g;
+}
+
+void check_like(const at::Tensor& t, const at::Tensor& qkv, int64_t last_dim, const char* name) {
+  TORCH_CHECK(t.dim() == 4 && t.stride(3) == 1 && t.sizes().slice(0, 3) == qkv.sizes().slice(0, 3) &&
+                  t.size(3) == last_dim && t.scalar_type() == qkv.scalar_type(),
+              "uniformer_kernels: ", name, " must be (S1, S2, L, ", last_dim, ") with a dense last dim and qkv's "
+              "dtype, got sizes ", t.sizes(), " strides ", t.strides(), " dtype ", t.scalar_type());
+}
+
+void check_rows(const at::Tensor& t, const Sequences& g, const at::Tensor& qkv, const char* name) {
+  TORCH_CHECK(t.is_contiguous() && t.sizes() == at::IntArrayRef({g.count(), g.heads, g.seq_len}) &&
+                  t.scalar_type() == qkv.scalar_type(),
+              "uniformer_kernels: ", name, " must be contiguous (", g.count(), ", ", g.heads, ", ", g.seq_len,
+              ") of qkv's dtype, got ", t.sizes(), " ", t.scalar_type());
+}
+
+// A task's L x L score matrices live in a per-chunk buffer of rows padded to a multiple of kRowPad
+// (150 KB per matrix at L = 196: it stays in L2). The gemms write the first len entries of each row;
+// set_padding sets the rest, which the row operations read.
+int64_t padded_row(int64_t len) { return (len + kRowPad - 1) / kRowPad * kRowPad; }
+
+template <typename T>
+void set_padding(T* rows, int64_t len, int64_t ld, T value) {
+  for (int64_t i = 0; i < len; ++i) std::fill(rows + i * ld + len, rows + (i + 1) * ld, value);
+}
+
+// The row operations' build for this CPU (checked once).
+template <typename T>
+const AttentionRowKernels<T>& row_kernels() {
+  static const AttentionRowKernels<T> chosen =
+      cpu_has_avx2_fma() ? avx2::attention_row_kernels<T>() : baseline::attention_row_kernels<T>();
+  return chosen;
+}
+
+void cpu_attention_forward(const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
+                           const at::Tensor& cls_probs, int64_t num_heads, double scale) {
+  TORCH_CHECK(sgemm_ != nullptr && dgemm_ != nullptr, "uniformer_kernels: torch links no BLAS sgemm_");
+  const Sequences g = check_qkv(qkv, num_heads);
+  const int64_t channels = g.heads * g.head_dim, len = g.seq_len, ld = padded_row(len);
+  check_like(out, qkv, channels, "out");
+  check_rows(lse, g, qkv, "lse");
+  const bool with_cls = cls_probs.numel() > 0;
+  if (with_cls) check_rows(cls_probs, g, qkv, "cls_probs");
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "cpu_attention_forward", [&] {
+    const auto& rows = row_kernels<scalar_t>();
+    at::parallel_for(0, g.count() * g.heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> scores(len * ld), inv_sums(len);
+      scalar_t* exps = scores.data();
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t seq = task / g.heads, head = task % g.heads;
+        const auto q = head_rows<scalar_t>(qkv, g, seq, head * g.head_dim);
+        const auto k = head_rows<scalar_t>(qkv, g, seq, channels + head * g.head_dim);
+        const auto v = head_rows<scalar_t>(qkv, g, seq, 2 * channels + head * g.head_dim);
+        const auto o = head_rows<scalar_t>(out, g, seq, head * g.head_dim);
+        // scores (query-major, L x L) = scale * q k^T, i.e. column-major k q^T
+        gemm('T', 'N', len, len, g.head_dim, scalar_t(scale), k.data, k.ld, q.data, q.ld, scalar_t(0), exps, ld);
+        set_padding(exps, len, ld, scalar_t(kPadScore));
+        scalar_t* task_lse = lse.data_ptr<scalar_t>() + task * len;
+        for (int64_t i = 0; i < len; ++i) {
+          scalar_t sum;
+          task_lse[i] = rows.exp_minus_max(exps + i * ld, ld, &sum);
+          task_lse[i] += std::log(sum);
+          inv_sums[i] = scalar_t(1) / sum;
+        }
+        // out (L x D) = softmax(scores) v: column-major v^T exps^T, then each row divided by its sum
+        // (L x D divisions instead of L x L)
+        gemm('N', 'N', g.head_dim, len, len, scalar_t(1), v.data, v.ld, exps, ld, scalar_t(0), o.data, o.ld);
+        for (int64_t i = 0; i < len; ++i)
+          for (int64_t d = 0; d < g.head_dim; ++d) o.data[i * o.ld + d] *= inv_sums[i];
+        if (with_cls) {
+          scalar_t* task_cls = cls_probs.data_ptr<scalar_t>() + task * len;
+          for (int64_t j = 0; j < len; ++j) task_cls[j] = exps[j] * inv_sums[0];
+        }
+      }
+    });
+  });
+}
+
+// grad_qkv gets dq, dk, dv; grad_cls_probs (empty when not needed) is the gradient of the class
+// token's probability row, which joins the softmax backward of query 0.
+void cpu_attention_backward(const at::Tensor& grad_out, const at::Tensor& grad_cls_probs, const at::Tensor& qkv,
+                            const at::Tensor& lse, const at::Tensor& grad_qkv, int64_t num_heads, double scale) {
+  TORCH_CHECK(sgemm_ != nullptr && dgemm_ != nullptr, "uniformer_kernels: torch links no BLAS sgemm_");
+  const Sequences g = check_qkv(qkv, num_heads);
+  const int64_t channels = g.heads * g.head_dim, len = g.seq_len, ld = padded_row(len);
+  check_like(grad_out, qkv, channels, "grad_out");
+  check_like(grad_qkv, qkv, 3 * channels, "grad_qkv");
+  check_rows(lse, g, qkv, "lse");
+  const bool with_cls = grad_cls_probs.numel() > 0;
+  if (with_cls) check_rows(grad_cls_probs, g, qkv, "grad_cls_probs");
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "cpu_attention_backward", [&] {
+    const auto& rows = row_kernels<scalar_t>();
+    at::parallel_for(0, g.count() * g.heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> scores(2 * len * ld);
+      scalar_t* probs = scores.data();
+      scalar_t* grad_scores = probs + len * ld;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t seq = task / g.heads, head = task % g.heads;
+        const int64_t q_off = head * g.head_dim, k_off = channels + q_off, v_off = 2 * channels + q_off;
+        const auto q = head_rows<scalar_t>(qkv, g, seq, q_off);
+        const auto k = head_rows<scalar_t>(qkv, g, seq, k_off);
+        const auto v = head_rows<scalar_t>(qkv, g, seq, v_off);
+        const auto grad_o = head_rows<scalar_t>(grad_out, g, seq, q_off);
+        const auto grad_q = head_rows<scalar_t>(grad_qkv, g, seq, q_off);
+        const auto grad_k = head_rows<scalar_t>(grad_qkv, g, seq, k_off);
+        const auto grad_v = head_rows<scalar_t>(grad_qkv, g, seq, v_off);
+        gemm('T', 'N', len, len, g.head_dim, scalar_t(scale), k.data, k.ld, q.data, q.ld, scalar_t(0), probs, ld);
+        set_padding(probs, len, ld, scalar_t(kPadScore));
+        const scalar_t* task_lse = lse.data_ptr<scalar_t>() + task * len;
+        for (int64_t i = 0; i < len; ++i) rows.exp_minus_lse(probs + i * ld, ld, task_lse[i]);
+        // dv (L x D) = probs^T grad_o, i.e. column-major grad_o^T probs
+        gemm('N', 'T', g.head_dim, len, len, scalar_t(1), grad_o.data, grad_o.ld, probs, ld, scalar_t(0),
+             grad_v.data, grad_v.ld);
+        // grad_probs (L x L) = grad_o v^T, i.e. column-major v grad_o^T
+        gemm('T', 'N', len, len, g.head_dim, scalar_t(1), v.data, v.ld, grad_o.data, grad_o.ld, scalar_t(0),
+             grad_scores, ld);
+        set_padding(grad_scores, len, ld, scalar_t(0));
+        if (with_cls) {  // the class token's probability row is probs' row 0
+          const scalar_t* grad_cls = grad_cls_probs.data_ptr<scalar_t>() + task * len;
+          for (int64_t j = 0; j < len; ++j) grad_scores[j] += grad_cls[j];
+        }
+        for (int64_t i = 0; i < len; ++i) rows.softmax_backward(probs + i * ld, grad_scores + i * ld, ld);
+        // dq (L x D) = scale * grad_scores k, i.e. column-major k^T grad_scores^T
+        gemm('N', 'N', g.head_dim, len, len, scalar_t(scale), k.data, k.ld, grad_scores, ld, scalar_t(0),
+             grad_q.data, grad_q.ld);
+        // dk (L x D) = scale * grad_scores^T q, i.e. column-major q^T grad_scores
+        gemm('N', 'T', g.head_dim, len, len, scalar_t(scale), q.data, q.ld, grad_scores, ld, scalar_t(0),
+             grad_k.data, grad_k.ld);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+bool available_cpu_attention() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+
+TORCH_LIBRARY_FRAGMENT(uniformer_kernels_C, m) {
+  m.def("attention_forward(Tensor qkv, Tensor(a!) out, Tensor(b!) lse, Tensor(c!) cls_probs, int num_heads,"
+        " float scale) -> ()");
+  m.def("attention_backward(Tensor grad_out, Tensor grad_cls_probs, Tensor qkv, Tensor lse, Tensor(a!) grad_qkv,"
+        " int num_heads, float scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(uniformer_kernels_C, CPU, m) {
+  m.impl("attention_forward", &cpu_attention_forward);
+  m.impl("attention_backward", &cpu_attention_backward);
+}
+
+}  // namespace uniformer_kernels

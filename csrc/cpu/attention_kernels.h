@@ -1,0 +1,44 @@
+// Row operations of the CPU attention kernel (attention.cpp), on one row of a task's L x L score
+// matrix (no torch types).
+//
+// They exist twice, compiled from one template source (attention_kernels_impl.h): for the baseline
+// ISA and, in attention_kernels_avx2.cpp, for AVX2 + FMA with hand-vectorised float versions
+// (attention.cpp picks one per CPU, see cpu_isa.h). The float exp there is the softmax's cost: the
+// generic vector code GCC makes of it is latency-bound on the polynomial and 2x slower.
+//
+// Rows are padded to len, a multiple of kRowPad, so that no vector loop has a scalar tail: a score
+// row's padding holds kPadScore (its exp comes out as 0 to float precision, and no gemm reads it), a
+// gradient row's padding any finite value.
+#pragma once
+
+#include <cstdint>
+
+namespace uniformer_kernels {
+
+constexpr int64_t kRowPad = 16;
+constexpr float kPadScore = -1e30f;
+
+template <typename T>
+struct AttentionRowKernels {
+  // row <- exp(row - max(row)); returns the max, and the sum of the exps in *sum.
+  T (*exp_minus_max)(T* row, int64_t len, T* sum);
+  // row <- exp(row - lse): the probabilities again, from the scores and their log-sum-exp.
+  void (*exp_minus_lse)(T* row, int64_t len, T lse);
+  // grad_row <- probs * (grad_row - <probs, grad_row>): the scores' gradient from the
+  // probabilities'.
+  void (*softmax_backward)(const T* probs, T* grad_row, int64_t len);
+};
+
+// Whether torch links the BLAS gemm (sgemm_, dgemm_) that attention.cpp calls.
+bool available_cpu_attention();
+
+namespace baseline {
+template <typename T>
+AttentionRowKernels<T> attention_row_kernels();
+}
+namespace avx2 {
+template <typename T>
+AttentionRowKernels<T> attention_row_kernels();
+}
+
+}  // namespace uniformer_kernels
