@@ -241,7 +241,8 @@ def check(case: Case, backend: str, buffer: torch.Tensor | None = None) -> torch
 # ---- parity -------------------------------------------------------------------------------------
 
 HEAD_DIMS = (28, 32, 64, 128)
-TOKENS = (1, 7, 49, 196, 1024)
+# 512: the longest sequence the C++ kernel takes (cpu backend); 1024 goes to the flash kernel
+TOKENS = (1, 7, 49, 196, 512, 1024)
 
 
 def global_params():
@@ -365,8 +366,8 @@ def test_extreme_scores_and_nan(backend):
                     or platform.machine() != "x86_64",
                     reason="needs uniformer_kernels._C and torch's x86-64 Linux wheel (MKL inside)")
 def test_cpu_backend_runs_the_cpp_kernel_where_it_applies():
-    """float32/float64 global and split attention take the C++ kernel; windows and 16-bit inputs
-    the composition."""
+    """float32/float64 global and split attention take the C++ kernel; windows, 16-bit inputs and
+    sequences over MAX_KERNEL_SEQ_LEN the composition."""
     assert _extension.CPU_ATTENTION, "torch links no sgemm_: the cpu backend fell back"
     qkv = torch.randn(2, 12, 48)
     assert attention_op._kernel_applies(qkv, None)
@@ -374,6 +375,8 @@ def test_cpu_backend_runs_the_cpp_kernel_where_it_applies():
     assert attention_op._kernel_applies(qkv.double(), None)
     assert not attention_op._kernel_applies(qkv.half(), None)
     assert not attention_op._kernel_applies(qkv, attention_op.Window(2, 3, 4))
+    long = torch.randn(1, attention_op.MAX_KERNEL_SEQ_LEN + 1, 48)
+    assert not attention_op._kernel_applies(long, None)
 
 
 @pytest.mark.parametrize("forward_backend,backward_backend", [

@@ -40,17 +40,19 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace uniformer_kernels {
 namespace {
 
-// C (m x n) = alpha * op(A) op(B) + beta * C, column-major like BLAS. The row-major matrices below
-// are column-major transposes, which is how each call site reads.
+// C (m x n) = alpha * op(A) op(B), column-major like BLAS. The row-major matrices below are
+// column-major transposes, which is how each call site reads.
 void gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+          const float* b, int64_t ldb, float* c, int64_t ldc) {
   const int mi = m, ni = n, ki = k, ldai = lda, ldbi = ldb, ldci = ldc;
+  const float beta = 0;
   sgemm_(&transa, &transb, &mi, &ni, &ki, &alpha, a, &ldai, b, &ldbi, &beta, c, &ldci);
 }
 
 void gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
-          const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+          const double* b, int64_t ldb, double* c, int64_t ldc) {
   const int mi = m, ni = n, ki = k, ldai = lda, ldbi = ldb, ldci = ldc;
+  const double beta = 0;
   dgemm_(&transa, &transb, &mi, &ni, &ki, &alpha, a, &ldai, b, &ldbi, &beta, c, &ldci);
 }
 
@@ -104,7 +106,7 @@ void check_rows(const at::Tensor& t, const Sequences& g, const at::Tensor& qkv, 
 }
 
 // A task's L x L score matrices live in a per-chunk buffer of rows padded to a multiple of kRowPad
-// (150 KB per matrix at L = 196: it stays in L2). The gemms write the first len entries of each row;
+// (160 KB per matrix at L = 196: it stays in L2). The gemms write the first len entries of each row;
 // set_padding sets the rest, which the row operations read.
 int64_t padded_row(int64_t len) { return (len + kRowPad - 1) / kRowPad * kRowPad; }
 
@@ -142,7 +144,7 @@ void cpu_attention_forward(const at::Tensor& qkv, const at::Tensor& out, const a
         const auto v = head_rows<scalar_t>(qkv, g, seq, 2 * channels + head * g.head_dim);
         const auto o = head_rows<scalar_t>(out, g, seq, head * g.head_dim);
         // scores (query-major, L x L) = scale * q k^T, i.e. column-major k q^T
-        gemm('T', 'N', len, len, g.head_dim, scalar_t(scale), k.data, k.ld, q.data, q.ld, scalar_t(0), exps, ld);
+        gemm('T', 'N', len, len, g.head_dim, scalar_t(scale), k.data, k.ld, q.data, q.ld, exps, ld);
         set_padding(exps, len, ld, scalar_t(kPadScore));
         scalar_t* task_lse = lse.data_ptr<scalar_t>() + task * len;
         for (int64_t i = 0; i < len; ++i) {
@@ -153,7 +155,7 @@ void cpu_attention_forward(const at::Tensor& qkv, const at::Tensor& out, const a
         }
         // out (L x D) = softmax(scores) v: column-major v^T exps^T, then each row divided by its sum
         // (L x D divisions instead of L x L)
-        gemm('N', 'N', g.head_dim, len, len, scalar_t(1), v.data, v.ld, exps, ld, scalar_t(0), o.data, o.ld);
+        gemm('N', 'N', g.head_dim, len, len, scalar_t(1), v.data, v.ld, exps, ld, o.data, o.ld);
         for (int64_t i = 0; i < len; ++i)
           for (int64_t d = 0; d < g.head_dim; ++d) o.data[i * o.ld + d] *= inv_sums[i];
         if (with_cls) {
@@ -193,15 +195,15 @@ void cpu_attention_backward(const at::Tensor& grad_out, const at::Tensor& grad_c
         const auto grad_q = head_rows<scalar_t>(grad_qkv, g, seq, q_off);
         const auto grad_k = head_rows<scalar_t>(grad_qkv, g, seq, k_off);
         const auto grad_v = head_rows<scalar_t>(grad_qkv, g, seq, v_off);
-        gemm('T', 'N', len, len, g.head_dim, scalar_t(scale), k.data, k.ld, q.data, q.ld, scalar_t(0), probs, ld);
+        gemm('T', 'N', len, len, g.head_dim, scalar_t(scale), k.data, k.ld, q.data, q.ld, probs, ld);
         set_padding(probs, len, ld, scalar_t(kPadScore));
         const scalar_t* task_lse = lse.data_ptr<scalar_t>() + task * len;
         for (int64_t i = 0; i < len; ++i) rows.exp_minus_lse(probs + i * ld, ld, task_lse[i]);
         // dv (L x D) = probs^T grad_o, i.e. column-major grad_o^T probs
-        gemm('N', 'T', g.head_dim, len, len, scalar_t(1), grad_o.data, grad_o.ld, probs, ld, scalar_t(0),
+        gemm('N', 'T', g.head_dim, len, len, scalar_t(1), grad_o.data, grad_o.ld, probs, ld,
              grad_v.data, grad_v.ld);
         // grad_probs (L x L) = grad_o v^T, i.e. column-major v grad_o^T
-        gemm('T', 'N', len, len, g.head_dim, scalar_t(1), v.data, v.ld, grad_o.data, grad_o.ld, scalar_t(0),
+        gemm('T', 'N', len, len, g.head_dim, scalar_t(1), v.data, v.ld, grad_o.data, grad_o.ld,
              grad_scores, ld);
         set_padding(grad_scores, len, ld, scalar_t(0));
         if (with_cls) {  // the class token's probability row is probs' row 0
@@ -210,10 +212,10 @@ void cpu_attention_backward(const at::Tensor& grad_out, const at::Tensor& grad_c
         }
         for (int64_t i = 0; i < len; ++i) rows.softmax_backward(probs + i * ld, grad_scores + i * ld, ld);
         // dq (L x D) = scale * grad_scores k, i.e. column-major k^T grad_scores^T
-        gemm('N', 'N', g.head_dim, len, len, scalar_t(scale), k.data, k.ld, grad_scores, ld, scalar_t(0),
+        gemm('N', 'N', g.head_dim, len, len, scalar_t(scale), k.data, k.ld, grad_scores, ld,
              grad_q.data, grad_q.ld);
         // dk (L x D) = scale * grad_scores^T q, i.e. column-major q^T grad_scores
-        gemm('N', 'T', g.head_dim, len, len, scalar_t(scale), q.data, q.ld, grad_scores, ld, scalar_t(0),
+        gemm('N', 'T', g.head_dim, len, len, scalar_t(scale), q.data, q.ld, grad_scores, ld,
              grad_k.data, grad_k.ld);
       }
     });

@@ -20,11 +20,12 @@ Variants (one op, chosen by the arguments):
   computes them after the softmax (the light models prune tokens by them). Differentiable.
 
 Backends: triton (CUDA default; CPU tensors under TRITON_INTERPRET=1 when forced), cpu and eager.
-cpu runs the C++ kernel of csrc/cpu/attention.cpp for float32/float64 global and split attention:
-one task per (sequence, head), BLAS gemms straight on the strided q, k, v of qkv and into out, the
-L x L scores in a per-thread buffer that stays in cache, the class row taken from it. Windows and
-16-bit inputs go through PyTorch's CPU flash-attention kernel on views of qkv instead (windows are
-gathered first: no strided view expresses the padding). eager is the reference composition (score
+cpu runs the C++ kernel of csrc/cpu/attention.cpp for float32/float64 global and split attention
+on sequences of up to MAX_KERNEL_SEQ_LEN tokens: one task per (sequence, head), BLAS gemms straight
+on the strided q, k, v of qkv and into out, the L x L scores in a per-thread buffer that stays in
+cache, the class row taken from it. Windows, 16-bit inputs and longer sequences go through
+PyTorch's CPU flash-attention kernel on views of qkv instead (windows are gathered first: no
+strided view expresses the padding). eager is the reference composition (score
 matrix, softmax, matmul) in the accumulation dtype.
 
 Registered as the custom op ``uniformer_kernels::attention`` -> (out, lse, cls_probs), with a fake
@@ -348,9 +349,16 @@ def _eager_backward(*args):
 # ---- cpu backend: the C++ kernel (csrc/cpu/attention.cpp) where it applies, else the composition
 # over PyTorch's CPU flash kernel (window mode, 16-bit dtypes, a strided last dim, no BLAS).
 
+# Longer sequences go to the flash kernel, which tiles them: the kernel's L x L buffers would leave
+# L2 (at N = 1024 forward+backward flash was 1.2x faster; at N <= 256 the kernel is, see
+# bench/results/cpu-amd-epyc-1t/attention.md).
+MAX_KERNEL_SEQ_LEN = 512
+
+
 def _kernel_applies(qkv, window) -> bool:
     return (window is None and qkv.dtype in (torch.float32, torch.float64) and qkv.stride(-1) == 1
-            and _extension.loaded() and _extension.CPU_ATTENTION)
+            and qkv.shape[-2] <= MAX_KERNEL_SEQ_LEN and _extension.loaded()
+            and _extension.CPU_ATTENTION)
 
 
 def _as_sequences(t: torch.Tensor) -> torch.Tensor:
