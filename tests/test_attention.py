@@ -366,15 +366,17 @@ def test_extreme_scores_and_nan(backend):
                     or platform.machine() != "x86_64",
                     reason="needs uniformer_kernels._C and torch's x86-64 Linux wheel (MKL inside)")
 def test_cpu_backend_runs_the_cpp_kernel_where_it_applies():
-    """float32/float64 global and split attention take the C++ kernel; windows, 16-bit inputs and
-    sequences over MAX_KERNEL_SEQ_LEN the composition."""
+    """float32/float64 global, split and window attention take the C++ kernel; 16-bit inputs and
+    sequences (windows) over MAX_KERNEL_SEQ_LEN tokens the composition."""
     assert _extension.CPU_ATTENTION, "torch links no sgemm_: the cpu backend fell back"
     qkv = torch.randn(2, 12, 48)
     assert attention_op._kernel_applies(qkv, None)
     assert attention_op._kernel_applies(qkv.view(2, 3, 4, 48).transpose(1, 2), None)
     assert attention_op._kernel_applies(qkv.double(), None)
     assert not attention_op._kernel_applies(qkv.half(), None)
-    assert not attention_op._kernel_applies(qkv, attention_op.Window(2, 3, 4))
+    assert attention_op._kernel_applies(qkv, attention_op.Window(2, 3, 4))
+    big_windows = attention_op.Window(23, 23, 23)  # 529 tokens per window
+    assert not attention_op._kernel_applies(torch.randn(1, 23 * 23, 48), big_windows)
     long = torch.randn(1, attention_op.MAX_KERNEL_SEQ_LEN + 1, 48)
     assert not attention_op._kernel_applies(long, None)
 

@@ -1,15 +1,17 @@
-// Op 4's CPU kernel: attention on strided views of the packed qkv, one (sequence, head) per task.
+// Op 4's CPU kernel: attention on the packed qkv, one (sequence, head) per task.
 //
 // uniformer_kernels/ops/attention.py validates the arguments and calls these through
-// torch.ops.uniformer_kernels_C for float32/float64 global and split attention (windows and 16-bit
-// inputs take the composed path there). A task runs three steps on one head of one sequence:
+// torch.ops.uniformer_kernels_C for float32/float64 inputs (16-bit inputs and sequences over 512
+// tokens take the flash kernel there). A task runs three steps on one head of one sequence:
 //   scores = scale * q k^T          BLAS gemm, read straight out of qkv (row stride = qkv's)
 //   probs  = softmax(scores)        in place, in a per-thread L x L buffer that stays in L2
 //   out    = probs v                BLAS gemm, written straight into out (row stride = out's)
 // (the forward divides out's rows by the softmax sums rather than normalising the L x L matrix).
 // Eager PyTorch runs the same three steps on every head at once: its score matrix (6 MB at
 // UniFormer-S stage 3, batch 8) leaves the cache between steps, and q, k, v and out go through
-// permute copies. The backward recomputes probs from the saved log-sum-exp the same way.
+// permute copies. The backward recomputes probs from the saved log-sum-exp the same way. Window
+// attention gathers a window's rows (padding tokens = the qkv bias) into per-thread buffers and
+// scatters the results, instead of the reference's padded and partitioned copies of the grid.
 //
 // The gemm is the BLAS that torch links (MKL on x86 wheels), looked up as a weak symbol so that a
 // torch without it still loads this library: available_cpu_attention() says whether it was found.
@@ -22,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "attention_kernels.h"
@@ -56,19 +59,24 @@ void gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, double alph
   dgemm_(&transa, &transb, &mi, &ni, &ki, &alpha, a, &ldai, b, &ldbi, &beta, c, &ldci);
 }
 
-// A (seq_len x head_dim) block of a 4-D (S1, S2, L, X) tensor whose last dim is dense: the rows of one
-// head of one sequence, row stride ld.
+// A (seq_len x head_dim) block: the rows of one head of one sequence, row stride ld.
 template <typename T>
 struct HeadRows {
   T* data;
   int64_t ld;
 };
 
-// The strided geometry shared by qkv, out, grad_out and grad_qkv: sequence s = s1 * S2 + s2.
+// The geometry shared by qkv, out, grad_out and grad_qkv, all 4-D (S1, S2, N, X) with a dense last
+// dim. Global and split attention: sequence s = s1 * S2 + s2 is the (N x X) block at (s1, s2).
+// Window attention (window > 0): S1 = 1, S2 = B images of a grid_h x grid_w token grid, cut into
+// window x window tiles after padding the grid right and bottom; sequence s is tile s % (rows * cols)
+// of image s / (rows * cols), its tokens in row-major order within the tile.
 struct Sequences {
   int64_t outer, inner, seq_len, heads, head_dim;
+  int64_t window, grid_h, grid_w, rows, cols;
 
-  int64_t count() const { return outer * inner; }
+  bool windowed() const { return window > 0; }
+  int64_t count() const { return windowed() ? inner * rows * cols : outer * inner; }
 };
 
 template <typename T>
@@ -78,14 +86,72 @@ HeadRows<T> head_rows(const at::Tensor& t, const Sequences& g, int64_t seq, int6
   return {base, t.stride(2)};
 }
 
-Sequences check_qkv(const at::Tensor& qkv, int64_t num_heads) {
+// Window mode: the grid token of row i of sequence seq (its image in *image), or -1 for padding.
+int64_t window_token(const Sequences& g, int64_t seq, int64_t i, int64_t* image) {
+  const int64_t tiles = g.rows * g.cols, tile = seq % tiles;
+  *image = seq / tiles;
+  const int64_t y = tile / g.cols * g.window + i / g.window, x = tile % g.cols * g.window + i % g.window;
+  return y < g.grid_h && x < g.grid_w ? y * g.grid_w + x : -1;
+}
+
+// Window mode: a window's rows are not one strided block (and its padding tokens exist nowhere), so
+// its operands are gathered into a (seq_len x head_dim) buffer: channels [offset, offset + head_dim)
+// of each token, padding rows taken from fill (the qkv bias) or zero when fill is null.
+template <typename T>
+HeadRows<T> gather_window(const at::Tensor& t, const Sequences& g, int64_t seq, int64_t offset, const T* fill,
+                          T* buffer) {
+  for (int64_t i = 0; i < g.seq_len; ++i) {
+    int64_t image;
+    const int64_t token = window_token(g, seq, i, &image);
+    T* row = buffer + i * g.head_dim;
+    if (token >= 0) {
+      const T* src = t.data_ptr<T>() + image * t.stride(1) + token * t.stride(2) + offset;
+      std::copy(src, src + g.head_dim, row);
+    } else if (fill) {
+      std::copy(fill + offset, fill + offset + g.head_dim, row);
+    } else {
+      std::fill(row, row + g.head_dim, T(0));
+    }
+  }
+  return {buffer, g.head_dim};
+}
+
+// The inverse: the window's real rows into t, padding rows added into padding_sum (the gradient of
+// the qkv bias, at the same offset) when given, else dropped (cropped queries).
+template <typename T>
+void scatter_window(const T* buffer, const Sequences& g, int64_t seq, const at::Tensor& t, int64_t offset,
+                    T* padding_sum) {
+  for (int64_t i = 0; i < g.seq_len; ++i) {
+    int64_t image;
+    const int64_t token = window_token(g, seq, i, &image);
+    const T* row = buffer + i * g.head_dim;
+    if (token >= 0) {
+      std::copy(row, row + g.head_dim, t.data_ptr<T>() + image * t.stride(1) + token * t.stride(2) + offset);
+    } else if (padding_sum) {
+      for (int64_t d = 0; d < g.head_dim; ++d) padding_sum[offset + d] += row[d];
+    }
+  }
+}
+
+Sequences check_qkv(const at::Tensor& qkv, int64_t num_heads, int64_t window, int64_t grid_h, int64_t grid_w) {
   TORCH_CHECK(qkv.dim() == 4 && qkv.stride(3) == 1, "uniformer_kernels: expected a (S1, S2, L, 3C) qkv with a dense "
               "last dim, got sizes ", qkv.sizes(), " strides ", qkv.strides());
   TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kDouble,
               "uniformer_kernels: the CPU attention kernel takes float32 or float64, got ", qkv.scalar_type());
   TORCH_CHECK(num_heads > 0 && qkv.size(3) % (3 * num_heads) == 0, "uniformer_kernels: last dim ", qkv.size(3),
               " is not 3 * heads * head_dim for ", num_heads, " heads");
-  const Sequences g{qkv.size(0), qkv.size(1), qkv.size(2), num_heads, qkv.size(3) / (3 * num_heads)};
+  Sequences g{qkv.size(0), qkv.size(1), qkv.size(2), num_heads, qkv.size(3) / (3 * num_heads), 0, 0, 0, 0, 0};
+  if (window > 0) {
+    TORCH_CHECK(qkv.size(0) == 1 && grid_h > 0 && grid_w > 0 && qkv.size(2) == grid_h * grid_w,
+                "uniformer_kernels: window attention expects a (1, B, ", grid_h, " * ", grid_w, ", 3C) qkv, got ",
+                qkv.sizes());
+    g.window = window;
+    g.grid_h = grid_h;
+    g.grid_w = grid_w;
+    g.rows = (grid_h + window - 1) / window;
+    g.cols = (grid_w + window - 1) / window;
+    g.seq_len = window * window;
+  }
   TORCH_CHECK(g.seq_len <= std::numeric_limits<int>::max() / std::max<int64_t>(1, g.seq_len),
               "uniformer_kernels: sequence length ", g.seq_len, " too long for a 32-bit BLAS");
   return g;
@@ -123,10 +189,22 @@ const AttentionRowKernels<T>& row_kernels() {
   return chosen;
 }
 
-void cpu_attention_forward(const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
-                           const at::Tensor& cls_probs, int64_t num_heads, double scale) {
+// The bias, if any, as a pointer (window padding tokens take its values), checked against qkv.
+template <typename T>
+const T* bias_data(const std::optional<at::Tensor>& bias, const at::Tensor& qkv) {
+  if (!bias) return nullptr;
+  TORCH_CHECK(bias->is_contiguous() && bias->dim() == 1 && bias->size(0) == qkv.size(3) &&
+                  bias->scalar_type() == qkv.scalar_type(),
+              "uniformer_kernels: qkv_bias must be a contiguous (", qkv.size(3), ",) tensor of qkv's dtype, got ",
+              bias->sizes(), " ", bias->scalar_type());
+  return bias->data_ptr<T>();
+}
+
+void cpu_attention_forward(const at::Tensor& qkv, const std::optional<at::Tensor>& qkv_bias, const at::Tensor& out,
+                           const at::Tensor& lse, const at::Tensor& cls_probs, int64_t num_heads, double scale,
+                           int64_t window, int64_t grid_h, int64_t grid_w) {
   TORCH_CHECK(sgemm_ != nullptr && dgemm_ != nullptr, "uniformer_kernels: torch links no BLAS sgemm_");
-  const Sequences g = check_qkv(qkv, num_heads);
+  const Sequences g = check_qkv(qkv, num_heads, window, grid_h, grid_w);
   const int64_t channels = g.heads * g.head_dim, len = g.seq_len, ld = padded_row(len);
   check_like(out, qkv, channels, "out");
   check_rows(lse, g, qkv, "lse");
@@ -134,15 +212,28 @@ void cpu_attention_forward(const at::Tensor& qkv, const at::Tensor& out, const a
   if (with_cls) check_rows(cls_probs, g, qkv, "cls_probs");
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "cpu_attention_forward", [&] {
     const auto& rows = row_kernels<scalar_t>();
+    const scalar_t* bias = bias_data<scalar_t>(qkv_bias, qkv);
     at::parallel_for(0, g.count() * g.heads, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> scores(len * ld), inv_sums(len);
+      std::vector<scalar_t> window_rows(g.windowed() ? 4 * len * g.head_dim : 0);  // q, k, v, out
       scalar_t* exps = scores.data();
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t seq = task / g.heads, head = task % g.heads;
-        const auto q = head_rows<scalar_t>(qkv, g, seq, head * g.head_dim);
-        const auto k = head_rows<scalar_t>(qkv, g, seq, channels + head * g.head_dim);
-        const auto v = head_rows<scalar_t>(qkv, g, seq, 2 * channels + head * g.head_dim);
-        const auto o = head_rows<scalar_t>(out, g, seq, head * g.head_dim);
+        const int64_t seq = task / g.heads, q_off = task % g.heads * g.head_dim;
+        const int64_t k_off = channels + q_off, v_off = 2 * channels + q_off;
+        HeadRows<scalar_t> q, k, v, o;
+        if (g.windowed()) {
+          scalar_t* buffer = window_rows.data();
+          const int64_t size = len * g.head_dim;
+          q = gather_window(qkv, g, seq, q_off, bias, buffer);
+          k = gather_window(qkv, g, seq, k_off, bias, buffer + size);
+          v = gather_window(qkv, g, seq, v_off, bias, buffer + 2 * size);
+          o = {buffer + 3 * size, g.head_dim};
+        } else {
+          q = head_rows<scalar_t>(qkv, g, seq, q_off);
+          k = head_rows<scalar_t>(qkv, g, seq, k_off);
+          v = head_rows<scalar_t>(qkv, g, seq, v_off);
+          o = head_rows<scalar_t>(out, g, seq, q_off);
+        }
         // scores (query-major, L x L) = scale * q k^T, i.e. column-major k q^T
         gemm('T', 'N', len, len, g.head_dim, scalar_t(scale), k.data, k.ld, q.data, q.ld, exps, ld);
         set_padding(exps, len, ld, scalar_t(kPadScore));
@@ -158,6 +249,7 @@ void cpu_attention_forward(const at::Tensor& qkv, const at::Tensor& out, const a
         gemm('N', 'N', g.head_dim, len, len, scalar_t(1), v.data, v.ld, exps, ld, o.data, o.ld);
         for (int64_t i = 0; i < len; ++i)
           for (int64_t d = 0; d < g.head_dim; ++d) o.data[i * o.ld + d] *= inv_sums[i];
+        if (g.windowed()) scatter_window<scalar_t>(o.data, g, seq, out, q_off, nullptr);
         if (with_cls) {
           scalar_t* task_cls = cls_probs.data_ptr<scalar_t>() + task * len;
           for (int64_t j = 0; j < len; ++j) task_cls[j] = exps[j] * inv_sums[0];
@@ -168,58 +260,95 @@ void cpu_attention_forward(const at::Tensor& qkv, const at::Tensor& out, const a
 }
 
 // grad_qkv gets dq, dk, dv; grad_cls_probs (empty when not needed) is the gradient of the class
-// token's probability row, which joins the softmax backward of query 0.
+// token's probability row, which joins the softmax backward of query 0. grad_bias (empty without a
+// bias) gets the gradient that reaches the window padding tokens. Tasks are split into a fixed
+// number of chunks, each summing its padding gradient into its own row, added in chunk order: the
+// result depends on the thread count, never on thread timing.
 void cpu_attention_backward(const at::Tensor& grad_out, const at::Tensor& grad_cls_probs, const at::Tensor& qkv,
-                            const at::Tensor& lse, const at::Tensor& grad_qkv, int64_t num_heads, double scale) {
+                            const std::optional<at::Tensor>& qkv_bias, const at::Tensor& lse,
+                            const at::Tensor& grad_qkv, const at::Tensor& grad_bias, int64_t num_heads, double scale,
+                            int64_t window, int64_t grid_h, int64_t grid_w) {
   TORCH_CHECK(sgemm_ != nullptr && dgemm_ != nullptr, "uniformer_kernels: torch links no BLAS sgemm_");
-  const Sequences g = check_qkv(qkv, num_heads);
+  const Sequences g = check_qkv(qkv, num_heads, window, grid_h, grid_w);
   const int64_t channels = g.heads * g.head_dim, len = g.seq_len, ld = padded_row(len);
   check_like(grad_out, qkv, channels, "grad_out");
   check_like(grad_qkv, qkv, 3 * channels, "grad_qkv");
   check_rows(lse, g, qkv, "lse");
   const bool with_cls = grad_cls_probs.numel() > 0;
   if (with_cls) check_rows(grad_cls_probs, g, qkv, "grad_cls_probs");
+  const bool with_bias_grad = g.windowed() && qkv_bias.has_value();
+  if (with_bias_grad)
+    TORCH_CHECK(grad_bias.is_contiguous() && grad_bias.sizes() == qkv_bias->sizes() &&
+                    grad_bias.scalar_type() == qkv.scalar_type(),
+                "uniformer_kernels: grad_bias must be contiguous like qkv_bias, got ", grad_bias.sizes());
+  const int64_t tasks = g.count() * g.heads;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
+  const int64_t tasks_per_chunk = (tasks + chunks - 1) / chunks;
+  at::Tensor partial_bias = at::zeros({with_bias_grad ? chunks : 0, 3 * channels}, qkv.options());
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "cpu_attention_backward", [&] {
     const auto& rows = row_kernels<scalar_t>();
-    at::parallel_for(0, g.count() * g.heads, 1, [&](int64_t begin, int64_t end) {
+    const scalar_t* bias = bias_data<scalar_t>(qkv_bias, qkv);
+    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       std::vector<scalar_t> scores(2 * len * ld);
+      std::vector<scalar_t> window_rows(g.windowed() ? 7 * len * g.head_dim : 0);  // q, k, v, grad o, q, k, v
       scalar_t* probs = scores.data();
       scalar_t* grad_scores = probs + len * ld;
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t seq = task / g.heads, head = task % g.heads;
-        const int64_t q_off = head * g.head_dim, k_off = channels + q_off, v_off = 2 * channels + q_off;
-        const auto q = head_rows<scalar_t>(qkv, g, seq, q_off);
-        const auto k = head_rows<scalar_t>(qkv, g, seq, k_off);
-        const auto v = head_rows<scalar_t>(qkv, g, seq, v_off);
-        const auto grad_o = head_rows<scalar_t>(grad_out, g, seq, q_off);
-        const auto grad_q = head_rows<scalar_t>(grad_qkv, g, seq, q_off);
-        const auto grad_k = head_rows<scalar_t>(grad_qkv, g, seq, k_off);
-        const auto grad_v = head_rows<scalar_t>(grad_qkv, g, seq, v_off);
-        gemm('T', 'N', len, len, g.head_dim, scalar_t(scale), k.data, k.ld, q.data, q.ld, probs, ld);
-        set_padding(probs, len, ld, scalar_t(kPadScore));
-        const scalar_t* task_lse = lse.data_ptr<scalar_t>() + task * len;
-        for (int64_t i = 0; i < len; ++i) rows.exp_minus_lse(probs + i * ld, ld, task_lse[i]);
-        // dv (L x D) = probs^T grad_o, i.e. column-major grad_o^T probs
-        gemm('N', 'T', g.head_dim, len, len, scalar_t(1), grad_o.data, grad_o.ld, probs, ld,
-             grad_v.data, grad_v.ld);
-        // grad_probs (L x L) = grad_o v^T, i.e. column-major v grad_o^T
-        gemm('T', 'N', len, len, g.head_dim, scalar_t(1), v.data, v.ld, grad_o.data, grad_o.ld,
-             grad_scores, ld);
-        set_padding(grad_scores, len, ld, scalar_t(0));
-        if (with_cls) {  // the class token's probability row is probs' row 0
-          const scalar_t* grad_cls = grad_cls_probs.data_ptr<scalar_t>() + task * len;
-          for (int64_t j = 0; j < len; ++j) grad_scores[j] += grad_cls[j];
+      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+        scalar_t* padding_grad = with_bias_grad ? partial_bias[chunk].data_ptr<scalar_t>() : nullptr;
+        for (int64_t task = chunk * tasks_per_chunk; task < std::min(tasks, (chunk + 1) * tasks_per_chunk); ++task) {
+          const int64_t seq = task / g.heads, q_off = task % g.heads * g.head_dim;
+          const int64_t k_off = channels + q_off, v_off = 2 * channels + q_off;
+          HeadRows<scalar_t> q, k, v, grad_o, grad_q, grad_k, grad_v;
+          if (g.windowed()) {
+            scalar_t* buffer = window_rows.data();
+            const int64_t size = len * g.head_dim;
+            q = gather_window(qkv, g, seq, q_off, bias, buffer);
+            k = gather_window(qkv, g, seq, k_off, bias, buffer + size);
+            v = gather_window(qkv, g, seq, v_off, bias, buffer + 2 * size);
+            grad_o = gather_window<scalar_t>(grad_out, g, seq, q_off, nullptr, buffer + 3 * size);
+            grad_q = {buffer + 4 * size, g.head_dim};
+            grad_k = {buffer + 5 * size, g.head_dim};
+            grad_v = {buffer + 6 * size, g.head_dim};
+          } else {
+            q = head_rows<scalar_t>(qkv, g, seq, q_off);
+            k = head_rows<scalar_t>(qkv, g, seq, k_off);
+            v = head_rows<scalar_t>(qkv, g, seq, v_off);
+            grad_o = head_rows<scalar_t>(grad_out, g, seq, q_off);
+            grad_q = head_rows<scalar_t>(grad_qkv, g, seq, q_off);
+            grad_k = head_rows<scalar_t>(grad_qkv, g, seq, k_off);
+            grad_v = head_rows<scalar_t>(grad_qkv, g, seq, v_off);
+          }
+          gemm('T', 'N', len, len, g.head_dim, scalar_t(scale), k.data, k.ld, q.data, q.ld, probs, ld);
+          set_padding(probs, len, ld, scalar_t(kPadScore));
+          const scalar_t* task_lse = lse.data_ptr<scalar_t>() + task * len;
+          for (int64_t i = 0; i < len; ++i) rows.exp_minus_lse(probs + i * ld, ld, task_lse[i]);
+          // dv (L x D) = probs^T grad_o, i.e. column-major grad_o^T probs
+          gemm('N', 'T', g.head_dim, len, len, scalar_t(1), grad_o.data, grad_o.ld, probs, ld, grad_v.data,
+               grad_v.ld);
+          // grad_probs (L x L) = grad_o v^T, i.e. column-major v grad_o^T
+          gemm('T', 'N', len, len, g.head_dim, scalar_t(1), v.data, v.ld, grad_o.data, grad_o.ld, grad_scores, ld);
+          set_padding(grad_scores, len, ld, scalar_t(0));
+          if (with_cls) {  // the class token's probability row is probs' row 0
+            const scalar_t* grad_cls = grad_cls_probs.data_ptr<scalar_t>() + task * len;
+            for (int64_t j = 0; j < len; ++j) grad_scores[j] += grad_cls[j];
+          }
+          for (int64_t i = 0; i < len; ++i) rows.softmax_backward(probs + i * ld, grad_scores + i * ld, ld);
+          // dq (L x D) = scale * grad_scores k, i.e. column-major k^T grad_scores^T
+          gemm('N', 'N', g.head_dim, len, len, scalar_t(scale), k.data, k.ld, grad_scores, ld, grad_q.data,
+               grad_q.ld);
+          // dk (L x D) = scale * grad_scores^T q, i.e. column-major q^T grad_scores
+          gemm('N', 'T', g.head_dim, len, len, scalar_t(scale), q.data, q.ld, grad_scores, ld, grad_k.data,
+               grad_k.ld);
+          if (g.windowed()) {
+            scatter_window<scalar_t>(grad_q.data, g, seq, grad_qkv, q_off, padding_grad);
+            scatter_window<scalar_t>(grad_k.data, g, seq, grad_qkv, k_off, padding_grad);
+            scatter_window<scalar_t>(grad_v.data, g, seq, grad_qkv, v_off, padding_grad);
+          }
         }
-        for (int64_t i = 0; i < len; ++i) rows.softmax_backward(probs + i * ld, grad_scores + i * ld, ld);
-        // dq (L x D) = scale * grad_scores k, i.e. column-major k^T grad_scores^T
-        gemm('N', 'N', g.head_dim, len, len, scalar_t(scale), k.data, k.ld, grad_scores, ld,
-             grad_q.data, grad_q.ld);
-        // dk (L x D) = scale * grad_scores^T q, i.e. column-major q^T grad_scores
-        gemm('N', 'T', g.head_dim, len, len, scalar_t(scale), q.data, q.ld, grad_scores, ld,
-             grad_k.data, grad_k.ld);
       }
     });
   });
+  if (with_bias_grad) grad_bias.copy_(partial_bias.sum(0));
 }
 
 }  // namespace
@@ -227,10 +356,11 @@ void cpu_attention_backward(const at::Tensor& grad_out, const at::Tensor& grad_c
 bool available_cpu_attention() { return sgemm_ != nullptr && dgemm_ != nullptr; }
 
 TORCH_LIBRARY_FRAGMENT(uniformer_kernels_C, m) {
-  m.def("attention_forward(Tensor qkv, Tensor(a!) out, Tensor(b!) lse, Tensor(c!) cls_probs, int num_heads,"
-        " float scale) -> ()");
-  m.def("attention_backward(Tensor grad_out, Tensor grad_cls_probs, Tensor qkv, Tensor lse, Tensor(a!) grad_qkv,"
-        " int num_heads, float scale) -> ()");
+  m.def("attention_forward(Tensor qkv, Tensor? qkv_bias, Tensor(a!) out, Tensor(b!) lse, Tensor(c!) cls_probs,"
+        " int num_heads, float scale, int window_size, int grid_h, int grid_w) -> ()");
+  m.def("attention_backward(Tensor grad_out, Tensor grad_cls_probs, Tensor qkv, Tensor? qkv_bias, Tensor lse,"
+        " Tensor(a!) grad_qkv, Tensor(b!) grad_bias, int num_heads, float scale, int window_size, int grid_h,"
+        " int grid_w) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(uniformer_kernels_C, CPU, m) {

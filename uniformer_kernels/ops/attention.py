@@ -20,12 +20,12 @@ Variants (one op, chosen by the arguments):
   computes them after the softmax (the light models prune tokens by them). Differentiable.
 
 Backends: triton (CUDA default; CPU tensors under TRITON_INTERPRET=1 when forced), cpu and eager.
-cpu runs the C++ kernel of csrc/cpu/attention.cpp for float32/float64 global and split attention
-on sequences of up to MAX_KERNEL_SEQ_LEN tokens: one task per (sequence, head), BLAS gemms straight
-on the strided q, k, v of qkv and into out, the L x L scores in a per-thread buffer that stays in
-cache, the class row taken from it. Windows, 16-bit inputs and longer sequences go through
-PyTorch's CPU flash-attention kernel on views of qkv instead (windows are gathered first: no
-strided view expresses the padding). eager is the reference composition (score
+cpu runs the C++ kernel of csrc/cpu/attention.cpp for float32/float64 sequences of up to
+MAX_KERNEL_SEQ_LEN tokens: one task per (sequence, head), BLAS gemms straight on the strided q, k, v
+of qkv and into out (a window's rows gathered into a per-thread buffer, padding from the bias), the
+L x L scores in a per-thread buffer that stays in cache, the class row taken from it. 16-bit inputs
+and longer sequences go through PyTorch's CPU flash-attention kernel on views of qkv instead
+(windows gathered first: no strided view expresses the padding). eager is the reference composition (score
 matrix, softmax, matmul) in the accumulation dtype.
 
 Registered as the custom op ``uniformer_kernels::attention`` -> (out, lse, cls_probs), with a fake
@@ -356,9 +356,9 @@ MAX_KERNEL_SEQ_LEN = 512
 
 
 def _kernel_applies(qkv, window) -> bool:
-    return (window is None and qkv.dtype in (torch.float32, torch.float64) and qkv.stride(-1) == 1
-            and qkv.shape[-2] <= MAX_KERNEL_SEQ_LEN and _extension.loaded()
-            and _extension.CPU_ATTENTION)
+    seq_len = qkv.shape[-2] if window is None else window.size ** 2
+    return (qkv.dtype in (torch.float32, torch.float64) and qkv.stride(-1) == 1
+            and seq_len <= MAX_KERNEL_SEQ_LEN and _extension.loaded() and _extension.CPU_ATTENTION)
 
 
 def _as_sequences(t: torch.Tensor) -> torch.Tensor:
@@ -366,13 +366,18 @@ def _as_sequences(t: torch.Tensor) -> torch.Tensor:
     return t.unsqueeze(0) if t.dim() == 3 else t
 
 
+def _window_args(window) -> tuple[int, int, int]:
+    return tuple(window) if window is not None else (0, 0, 0)
+
+
 def _cpu_forward(qkv, qkv_bias, num_heads, scale, window, return_cls_attn):
     if not _kernel_applies(qkv, window):
         return _composed_forward(_flash_core_forward, qkv, qkv_bias, num_heads, scale, window,
                                  return_cls_attn)
     out, lse, cls_probs = _empty_outputs(qkv, num_heads, window, return_cls_attn)
-    torch.ops.uniformer_kernels_C.attention_forward(_as_sequences(qkv), _as_sequences(out), lse,
-                                                    cls_probs, num_heads, scale)
+    torch.ops.uniformer_kernels_C.attention_forward(
+        _as_sequences(qkv), qkv_bias, _as_sequences(out), lse, cls_probs, num_heads, scale,
+        *_window_args(window))
     return out, lse, cls_probs
 
 
@@ -382,11 +387,14 @@ def _cpu_backward(grad_out, grad_cls_probs, qkv, qkv_bias, out, lse, cls_probs, 
         return _composed_backward(_flash_core_backward, grad_out, grad_cls_probs, qkv, qkv_bias,
                                   out, lse, cls_probs, num_heads, scale, window)
     grad_qkv = torch.empty_like(qkv)
+    # a bias only enters through window padding; without padding its gradient is 0
+    grad_bias = qkv.new_empty(0) if qkv_bias is None else torch.zeros_like(qkv_bias)
     grad_cls_probs = lse.new_empty(0) if grad_cls_probs is None else grad_cls_probs.contiguous()
     torch.ops.uniformer_kernels_C.attention_backward(
         _as_sequences(grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()),
-        grad_cls_probs, _as_sequences(qkv), lse, _as_sequences(grad_qkv), num_heads, scale)
-    return grad_qkv, qkv.new_empty(0)  # no window, so no bias
+        grad_cls_probs, _as_sequences(qkv), qkv_bias, lse, _as_sequences(grad_qkv), grad_bias,
+        num_heads, scale, *_window_args(window))
+    return grad_qkv, grad_bias
 
 
 # ---- triton backend -----------------------------------------------------------------------------
