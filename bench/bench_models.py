@@ -12,6 +12,7 @@ The reference runs as users run it: contiguous NCHW, ``eval()`` under ``torch.no
 torch.compile's warm-up is not timed; its duration is the row's ``compile_s``.
 
     python -m pytest bench/bench_models.py -s                      # full run, results in bench/results
+    python -m pytest bench/bench_models.py -s --quick                # smoke run: uniformer_small only
     python -m pytest bench/bench_models.py -s --quick --models uniformer_xxs,uniformer_small
 """
 
@@ -45,7 +46,8 @@ def model_cases() -> dict[str, dict]:
 
 def bench_params(settings) -> list[dict]:
     cases = model_cases()
-    names = list(cases)
+    # --quick: one model (each torch.compile warm-up takes a minute or more on a small CPU)
+    names = ["uniformer_small"] if settings.quick else list(cases)
     if settings.models:
         unknown = [m for m in settings.models if m not in cases]
         if unknown:
