@@ -133,6 +133,19 @@ void scatter_window(const T* buffer, const Sequences& g, int64_t seq, const at::
   }
 }
 
+// A task's operand: a strided block of t or, in window mode, the window's rows in slot (gathered
+// from t for what the task reads; scattered back by the caller for what it writes).
+template <typename T>
+HeadRows<T> read_rows(const at::Tensor& t, const Sequences& g, int64_t seq, int64_t offset, const T* fill,
+                      T* slot) {
+  return g.windowed() ? gather_window(t, g, seq, offset, fill, slot) : head_rows<T>(t, g, seq, offset);
+}
+
+template <typename T>
+HeadRows<T> write_rows(const at::Tensor& t, const Sequences& g, int64_t seq, int64_t offset, T* slot) {
+  return g.windowed() ? HeadRows<T>{slot, g.head_dim} : head_rows<T>(t, g, seq, offset);
+}
+
 Sequences check_qkv(const at::Tensor& qkv, int64_t num_heads, int64_t window, int64_t grid_h, int64_t grid_w) {
   TORCH_CHECK(qkv.dim() == 4 && qkv.stride(3) == 1, "uniformer_kernels: expected a (S1, S2, L, 3C) qkv with a dense "
               "last dim, got sizes ", qkv.sizes(), " strides ", qkv.strides());
@@ -216,24 +229,15 @@ void cpu_attention_forward(const at::Tensor& qkv, const std::optional<at::Tensor
     at::parallel_for(0, g.count() * g.heads, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> scores(len * ld), inv_sums(len);
       std::vector<scalar_t> window_rows(g.windowed() ? 4 * len * g.head_dim : 0);  // q, k, v, out
+      auto slot = [&](int64_t n) { return g.windowed() ? window_rows.data() + n * len * g.head_dim : nullptr; };
       scalar_t* exps = scores.data();
       for (int64_t task = begin; task < end; ++task) {
         const int64_t seq = task / g.heads, q_off = task % g.heads * g.head_dim;
         const int64_t k_off = channels + q_off, v_off = 2 * channels + q_off;
-        HeadRows<scalar_t> q, k, v, o;
-        if (g.windowed()) {
-          scalar_t* buffer = window_rows.data();
-          const int64_t size = len * g.head_dim;
-          q = gather_window(qkv, g, seq, q_off, bias, buffer);
-          k = gather_window(qkv, g, seq, k_off, bias, buffer + size);
-          v = gather_window(qkv, g, seq, v_off, bias, buffer + 2 * size);
-          o = {buffer + 3 * size, g.head_dim};
-        } else {
-          q = head_rows<scalar_t>(qkv, g, seq, q_off);
-          k = head_rows<scalar_t>(qkv, g, seq, k_off);
-          v = head_rows<scalar_t>(qkv, g, seq, v_off);
-          o = head_rows<scalar_t>(out, g, seq, q_off);
-        }
+        const auto q = read_rows(qkv, g, seq, q_off, bias, slot(0));
+        const auto k = read_rows(qkv, g, seq, k_off, bias, slot(1));
+        const auto v = read_rows(qkv, g, seq, v_off, bias, slot(2));
+        const auto o = write_rows(out, g, seq, q_off, slot(3));
         // scores (query-major, L x L) = scale * q k^T, i.e. column-major k q^T
         gemm('T', 'N', len, len, g.head_dim, scalar_t(scale), k.data, k.ld, q.data, q.ld, exps, ld);
         set_padding(exps, len, ld, scalar_t(kPadScore));
@@ -291,6 +295,7 @@ void cpu_attention_backward(const at::Tensor& grad_out, const at::Tensor& grad_c
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       std::vector<scalar_t> scores(2 * len * ld);
       std::vector<scalar_t> window_rows(g.windowed() ? 7 * len * g.head_dim : 0);  // q, k, v, grad o, q, k, v
+      auto slot = [&](int64_t n) { return g.windowed() ? window_rows.data() + n * len * g.head_dim : nullptr; };
       scalar_t* probs = scores.data();
       scalar_t* grad_scores = probs + len * ld;
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
@@ -298,26 +303,13 @@ void cpu_attention_backward(const at::Tensor& grad_out, const at::Tensor& grad_c
         for (int64_t task = chunk * tasks_per_chunk; task < std::min(tasks, (chunk + 1) * tasks_per_chunk); ++task) {
           const int64_t seq = task / g.heads, q_off = task % g.heads * g.head_dim;
           const int64_t k_off = channels + q_off, v_off = 2 * channels + q_off;
-          HeadRows<scalar_t> q, k, v, grad_o, grad_q, grad_k, grad_v;
-          if (g.windowed()) {
-            scalar_t* buffer = window_rows.data();
-            const int64_t size = len * g.head_dim;
-            q = gather_window(qkv, g, seq, q_off, bias, buffer);
-            k = gather_window(qkv, g, seq, k_off, bias, buffer + size);
-            v = gather_window(qkv, g, seq, v_off, bias, buffer + 2 * size);
-            grad_o = gather_window<scalar_t>(grad_out, g, seq, q_off, nullptr, buffer + 3 * size);
-            grad_q = {buffer + 4 * size, g.head_dim};
-            grad_k = {buffer + 5 * size, g.head_dim};
-            grad_v = {buffer + 6 * size, g.head_dim};
-          } else {
-            q = head_rows<scalar_t>(qkv, g, seq, q_off);
-            k = head_rows<scalar_t>(qkv, g, seq, k_off);
-            v = head_rows<scalar_t>(qkv, g, seq, v_off);
-            grad_o = head_rows<scalar_t>(grad_out, g, seq, q_off);
-            grad_q = head_rows<scalar_t>(grad_qkv, g, seq, q_off);
-            grad_k = head_rows<scalar_t>(grad_qkv, g, seq, k_off);
-            grad_v = head_rows<scalar_t>(grad_qkv, g, seq, v_off);
-          }
+          const auto q = read_rows(qkv, g, seq, q_off, bias, slot(0));
+          const auto k = read_rows(qkv, g, seq, k_off, bias, slot(1));
+          const auto v = read_rows(qkv, g, seq, v_off, bias, slot(2));
+          const auto grad_o = read_rows<scalar_t>(grad_out, g, seq, q_off, nullptr, slot(3));
+          const auto grad_q = write_rows(grad_qkv, g, seq, q_off, slot(4));
+          const auto grad_k = write_rows(grad_qkv, g, seq, k_off, slot(5));
+          const auto grad_v = write_rows(grad_qkv, g, seq, v_off, slot(6));
           gemm('T', 'N', len, len, g.head_dim, scalar_t(scale), k.data, k.ld, q.data, q.ld, probs, ld);
           set_padding(probs, len, ld, scalar_t(kPadScore));
           const scalar_t* task_lse = lse.data_ptr<scalar_t>() + task * len;
