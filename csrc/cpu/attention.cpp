@@ -6,7 +6,8 @@
 //   scores = scale * q k^T          BLAS gemm, read straight out of qkv (row stride = qkv's)
 //   probs  = softmax(scores)        in place, in a per-thread L x L buffer that stays in L2
 //   out    = probs v                BLAS gemm, written straight into out (row stride = out's)
-// (the forward divides out's rows by the softmax sums rather than normalising the L x L matrix).
+// (the forward divides out's rows by the softmax sums rather than normalising the L x L matrix;
+// sequences of up to 16 tokens use plain loops instead of BLAS, see TaskGemm).
 // Eager PyTorch runs the same three steps on every head at once: its score matrix (6 MB at
 // UniFormer-S stage 3, batch 8) leaves the cache between steps, and q, k, v and out go through
 // permute copies. The backward recomputes probs from the saved log-sum-exp the same way. Window
@@ -58,6 +59,25 @@ void gemm(char transa, char transb, int64_t m, int64_t n, int64_t k, double alph
   const double beta = 0;
   dgemm_(&transa, &transb, &mi, &ni, &ki, &alpha, a, &ldai, b, &ldbi, &beta, c, &ldci);
 }
+
+// A task's gemm: BLAS, or up to kSmallSeqLen tokens the row kernels' small_gemm, where a BLAS call's
+// overhead outweighs the arithmetic. 16 measured best on an AMD EPYC: at L = 4 (video temporal
+// attention, batch 8) the forward takes half the BLAS path's time; at L = 26 BLAS is faster.
+constexpr int64_t kSmallSeqLen = 16;
+
+template <typename T>
+struct TaskGemm {
+  const AttentionRowKernels<T>& kernels;
+  bool small;
+
+  void operator()(char transa, char transb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                  const T* b, int64_t ldb, T* c, int64_t ldc) const {
+    if (small)
+      kernels.small_gemm(transa, transb, m, n, k, alpha, a, lda, b, ldb, c, ldc);
+    else
+      gemm(transa, transb, m, n, k, alpha, a, lda, b, ldb, c, ldc);
+  }
+};
 
 // A (seq_len x head_dim) block: the rows of one head of one sequence, row stride ld.
 template <typename T>
@@ -186,7 +206,11 @@ void check_rows(const at::Tensor& t, const Sequences& g, const at::Tensor& qkv, 
 
 // A task's L x L score matrices live in a per-chunk buffer of rows padded to a multiple of kRowPad
 // (160 KB per matrix at L = 196: it stays in L2). The gemms write the first len entries of each row;
-// set_padding sets the rest, which the row operations read.
+// set_padding sets the rest, which the row operations read. The scores are scale * q k^T in log2
+// units (see attention_kernels.h); lse stays in natural units, like the other backends'.
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+
 int64_t padded_row(int64_t len) { return (len + kRowPad - 1) / kRowPad * kRowPad; }
 
 template <typename T>
@@ -228,6 +252,7 @@ void cpu_attention_forward(const at::Tensor& qkv, const std::optional<at::Tensor
     const scalar_t* bias = bias_data<scalar_t>(qkv_bias, qkv);
     at::parallel_for(0, g.count() * g.heads, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> scores(len * ld), inv_sums(len);
+      const TaskGemm<scalar_t> task_gemm{rows, len <= kSmallSeqLen};
       std::vector<scalar_t> window_rows(g.windowed() ? 4 * len * g.head_dim : 0);  // q, k, v, out
       auto slot = [&](int64_t n) { return g.windowed() ? window_rows.data() + n * len * g.head_dim : nullptr; };
       scalar_t* exps = scores.data();
@@ -238,19 +263,19 @@ void cpu_attention_forward(const at::Tensor& qkv, const std::optional<at::Tensor
         const auto k = read_rows(qkv, g, seq, k_off, bias, slot(1));
         const auto v = read_rows(qkv, g, seq, v_off, bias, slot(2));
         const auto o = write_rows(out, g, seq, q_off, slot(3));
-        // scores (query-major, L x L) = scale * q k^T, i.e. column-major k q^T
-        gemm('T', 'N', len, len, g.head_dim, scalar_t(scale), k.data, k.ld, q.data, q.ld, exps, ld);
+        // scores (query-major, L x L, log2 units) = scale log2(e) q k^T, i.e. column-major k q^T
+        task_gemm('T', 'N', len, len, g.head_dim, scalar_t(scale * kLog2e), k.data, k.ld, q.data, q.ld, exps, ld);
         set_padding(exps, len, ld, scalar_t(kPadScore));
         scalar_t* task_lse = lse.data_ptr<scalar_t>() + task * len;
         for (int64_t i = 0; i < len; ++i) {
           scalar_t sum;
-          task_lse[i] = rows.exp_minus_max(exps + i * ld, ld, &sum);
-          task_lse[i] += std::log(sum);
+          const scalar_t max = rows.exp2_minus_max(exps + i * ld, ld, &sum);
+          task_lse[i] = max * scalar_t(kLn2) + std::log(sum);
           inv_sums[i] = scalar_t(1) / sum;
         }
         // out (L x D) = softmax(scores) v: column-major v^T exps^T, then each row divided by its sum
         // (L x D divisions instead of L x L)
-        gemm('N', 'N', g.head_dim, len, len, scalar_t(1), v.data, v.ld, exps, ld, o.data, o.ld);
+        task_gemm('N', 'N', g.head_dim, len, len, scalar_t(1), v.data, v.ld, exps, ld, o.data, o.ld);
         for (int64_t i = 0; i < len; ++i)
           for (int64_t d = 0; d < g.head_dim; ++d) o.data[i * o.ld + d] *= inv_sums[i];
         if (g.windowed()) scatter_window<scalar_t>(o.data, g, seq, out, q_off, nullptr);
@@ -294,6 +319,7 @@ void cpu_attention_backward(const at::Tensor& grad_out, const at::Tensor& grad_c
     const scalar_t* bias = bias_data<scalar_t>(qkv_bias, qkv);
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       std::vector<scalar_t> scores(2 * len * ld);
+      const TaskGemm<scalar_t> task_gemm{rows, len <= kSmallSeqLen};
       std::vector<scalar_t> window_rows(g.windowed() ? 7 * len * g.head_dim : 0);  // q, k, v, grad o, q, k, v
       auto slot = [&](int64_t n) { return g.windowed() ? window_rows.data() + n * len * g.head_dim : nullptr; };
       scalar_t* probs = scores.data();
@@ -310,15 +336,15 @@ void cpu_attention_backward(const at::Tensor& grad_out, const at::Tensor& grad_c
           const auto grad_q = write_rows(grad_qkv, g, seq, q_off, slot(4));
           const auto grad_k = write_rows(grad_qkv, g, seq, k_off, slot(5));
           const auto grad_v = write_rows(grad_qkv, g, seq, v_off, slot(6));
-          gemm('T', 'N', len, len, g.head_dim, scalar_t(scale), k.data, k.ld, q.data, q.ld, probs, ld);
+          task_gemm('T', 'N', len, len, g.head_dim, scalar_t(scale * kLog2e), k.data, k.ld, q.data, q.ld, probs, ld);
           set_padding(probs, len, ld, scalar_t(kPadScore));
           const scalar_t* task_lse = lse.data_ptr<scalar_t>() + task * len;
-          for (int64_t i = 0; i < len; ++i) rows.exp_minus_lse(probs + i * ld, ld, task_lse[i]);
+          for (int64_t i = 0; i < len; ++i) rows.exp2_minus(probs + i * ld, ld, task_lse[i] * scalar_t(kLog2e));
           // dv (L x D) = probs^T grad_o, i.e. column-major grad_o^T probs
-          gemm('N', 'T', g.head_dim, len, len, scalar_t(1), grad_o.data, grad_o.ld, probs, ld, grad_v.data,
+          task_gemm('N', 'T', g.head_dim, len, len, scalar_t(1), grad_o.data, grad_o.ld, probs, ld, grad_v.data,
                grad_v.ld);
           // grad_probs (L x L) = grad_o v^T, i.e. column-major v grad_o^T
-          gemm('T', 'N', len, len, g.head_dim, scalar_t(1), v.data, v.ld, grad_o.data, grad_o.ld, grad_scores, ld);
+          task_gemm('T', 'N', len, len, g.head_dim, scalar_t(1), v.data, v.ld, grad_o.data, grad_o.ld, grad_scores, ld);
           set_padding(grad_scores, len, ld, scalar_t(0));
           if (with_cls) {  // the class token's probability row is probs' row 0
             const scalar_t* grad_cls = grad_cls_probs.data_ptr<scalar_t>() + task * len;
@@ -326,10 +352,10 @@ void cpu_attention_backward(const at::Tensor& grad_out, const at::Tensor& grad_c
           }
           for (int64_t i = 0; i < len; ++i) rows.softmax_backward(probs + i * ld, grad_scores + i * ld, ld);
           // dq (L x D) = scale * grad_scores k, i.e. column-major k^T grad_scores^T
-          gemm('N', 'N', g.head_dim, len, len, scalar_t(scale), k.data, k.ld, grad_scores, ld, grad_q.data,
+          task_gemm('N', 'N', g.head_dim, len, len, scalar_t(scale), k.data, k.ld, grad_scores, ld, grad_q.data,
                grad_q.ld);
           // dk (L x D) = scale * grad_scores^T q, i.e. column-major q^T grad_scores
-          gemm('N', 'T', g.head_dim, len, len, scalar_t(scale), q.data, q.ld, grad_scores, ld, grad_k.data,
+          task_gemm('N', 'T', g.head_dim, len, len, scalar_t(scale), q.data, q.ld, grad_scores, ld, grad_k.data,
                grad_k.ld);
           if (g.windowed()) {
             scatter_window<scalar_t>(grad_q.data, g, seq, grad_qkv, q_off, padding_grad);

@@ -6,9 +6,12 @@
 // (attention.cpp picks one per CPU, see cpu_isa.h). The float exp there is the softmax's cost: the
 // generic vector code GCC makes of it is latency-bound on the polynomial and 2x slower.
 //
+// Score rows are in log2 units (the gemm's alpha folds log2(e) into the scale), so the softmax takes
+// powers of 2: no multiply by log2(e) and an exact range reduction in the vector code.
+//
 // Rows are padded to len, a multiple of kRowPad, so that no vector loop has a scalar tail: a score
-// row's padding holds kPadScore (its exp comes out as 0 to float precision, and no gemm reads it), a
-// gradient row's padding any finite value.
+// row's padding holds kPadScore (its power of 2 comes out as 0 to float precision, and no gemm reads
+// it), a gradient row's padding any finite value.
 #pragma once
 
 #include <cstdint>
@@ -20,13 +23,17 @@ constexpr float kPadScore = -1e30f;
 
 template <typename T>
 struct AttentionRowKernels {
-  // row <- exp(row - max(row)); returns the max, and the sum of the exps in *sum.
-  T (*exp_minus_max)(T* row, int64_t len, T* sum);
-  // row <- exp(row - lse): the probabilities again, from the scores and their log-sum-exp.
-  void (*exp_minus_lse)(T* row, int64_t len, T lse);
+  // row <- 2^(row - max(row)); returns the max, and the sum of the powers in *sum.
+  T (*exp2_minus_max)(T* row, int64_t len, T* sum);
+  // row <- 2^(row - shift): the probabilities again, from the scores and their log2-sum-exp2.
+  void (*exp2_minus)(T* row, int64_t len, T shift);
   // grad_row <- probs * (grad_row - <probs, grad_row>): the scores' gradient from the
   // probabilities'.
   void (*softmax_backward)(const T* probs, T* grad_row, int64_t len);
+  // C (m x n, column-major) = alpha op(A) op(B) as BLAS computes it (op = 'N' or 'T'; not A^T B^T),
+  // for operands so small that a BLAS call's overhead outweighs its arithmetic.
+  void (*small_gemm)(char transa, char transb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                     const T* b, int64_t ldb, T* c, int64_t ldc);
 };
 
 // Whether torch links the BLAS gemm (sgemm_, dgemm_) that attention.cpp calls.

@@ -30,29 +30,28 @@ inline float lane_max(__m256 v) {
   return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 
-// exp(x) for x <= ~0 (scores minus their row max or log-sum-exp), ~2 ulp: x = n ln2 + r with
-// |r| <= ln2 / 2, a degree-6 polynomial for exp(r) (Cephes expf's coefficients), 2^n built in the
-// exponent bits. Inputs below -87 (exp < 1.7e-38) are clamped there: probabilities that small are 0
-// to every float consumer. NaN stays NaN.
-inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // max_ps returns its second operand for NaN
-  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(-0.5f));
-  const __m256i n = _mm256_cvttps_epi32(t);  // round(x / ln2), x <= 0
-  const __m256 nf = _mm256_cvtepi32_ps(n);
-  __m256 r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts
-  r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23);
+// 2^x for x <= ~0 (scores minus their row max or log2-sum-exp2), ~3 ulp: x = n + r with n = round(x)
+// and |r| <= 1/2 (exact), a degree-5 polynomial for 2^r (a relative-error minimax fit, 9e-8),
+// 2^n built in the exponent bits. n is rounded by adding 1.5 * 2^23 + 127, which also leaves
+// n + 127 in the low bits of the sum, ready to shift into an exponent. Inputs below -126
+// (2^x < 1.2e-38) are clamped there: probabilities that small are 0 to every float consumer.
+// NaN stays NaN.
+inline __m256 exp2_nonpositive(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-126.0f), x);  // max_ps returns its second operand for NaN
+  const __m256 shifter = _mm256_set1_ps(12582912.0f + 127.0f);
+  const __m256 shifted = _mm256_add_ps(x, shifter);
+  const __m256 r = _mm256_sub_ps(x, _mm256_sub_ps(shifted, shifter));
+  __m256 p = _mm256_set1_ps(1.3264671434e-3f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(9.6714999527e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.5507335812e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(2.4022242427e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(6.9314700365e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_castps_si256(shifted), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
 }
 
-float exp_minus_max_row(float* row, int64_t len, float* sum) {
+float exp2_minus_max_row(float* row, int64_t len, float* sum) {
   __m256 max0 = _mm256_loadu_ps(row), max1 = _mm256_loadu_ps(row + 8);
   for (int64_t j = kRowPad; j < len; j += kRowPad) {
     max0 = _mm256_max_ps(max0, _mm256_loadu_ps(row + j));
@@ -62,8 +61,8 @@ float exp_minus_max_row(float* row, int64_t len, float* sum) {
   const __m256 shift = _mm256_set1_ps(max);
   __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
   for (int64_t j = 0; j < len; j += kRowPad) {
-    const __m256 e0 = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + j), shift));
-    const __m256 e1 = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + j + 8), shift));
+    const __m256 e0 = exp2_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + j), shift));
+    const __m256 e1 = exp2_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + j + 8), shift));
     _mm256_storeu_ps(row + j, e0);
     _mm256_storeu_ps(row + j + 8, e1);
     sum0 = _mm256_add_ps(sum0, e0);
@@ -73,11 +72,11 @@ float exp_minus_max_row(float* row, int64_t len, float* sum) {
   return max;
 }
 
-void exp_minus_lse_row(float* row, int64_t len, float lse) {
-  const __m256 shift = _mm256_set1_ps(lse);
+void exp2_minus_row(float* row, int64_t len, float shift_by) {
+  const __m256 shift = _mm256_set1_ps(shift_by);
   for (int64_t j = 0; j < len; j += kRowPad) {
-    const __m256 e0 = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + j), shift));
-    const __m256 e1 = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + j + 8), shift));
+    const __m256 e0 = exp2_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + j), shift));
+    const __m256 e1 = exp2_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + j + 8), shift));
     _mm256_storeu_ps(row + j, e0);
     _mm256_storeu_ps(row + j + 8, e1);
   }
@@ -100,12 +99,12 @@ void softmax_backward_row(const float* probs, float* grad_row, int64_t len) {
 
 template <>
 AttentionRowKernels<float> attention_row_kernels<float>() {
-  return {&exp_minus_max_row, &exp_minus_lse_row, &softmax_backward_row};
+  return {&exp2_minus_max_row, &exp2_minus_row, &softmax_backward_row, &small_gemm_cols<float>};
 }
 
 template <>
 AttentionRowKernels<double> attention_row_kernels<double>() {
-  return {&exp_minus_max_rows<double>, &exp_minus_lse_rows<double>, &softmax_backward_rows<double>};
+  return {&exp2_minus_max_rows<double>, &exp2_minus_rows<double>, &softmax_backward_rows<double>, &small_gemm_cols<double>};
 }
 
 }  // namespace avx2

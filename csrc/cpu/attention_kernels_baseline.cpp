@@ -10,7 +10,7 @@ namespace baseline {
 
 template <typename T>
 AttentionRowKernels<T> attention_row_kernels() {
-  return {&exp_minus_max_rows<T>, &exp_minus_lse_rows<T>, &softmax_backward_rows<T>};
+  return {&exp2_minus_max_rows<T>, &exp2_minus_rows<T>, &softmax_backward_rows<T>, &small_gemm_cols<T>};
 }
 
 template AttentionRowKernels<float> attention_row_kernels<float>();
