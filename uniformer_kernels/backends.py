@@ -26,6 +26,7 @@ import torch
 from . import _extension
 
 BACKENDS = ("triton", "cuda", "cpu", "eager")
+_BACKEND_SET = frozenset(BACKENDS)
 ENV_VAR = "UNIFORMER_KERNELS_BACKEND"
 
 # A ContextVar rather than a global: a backend forced in one thread or asyncio task must not leak
@@ -152,7 +153,10 @@ def resolve_backend(device: torch.device | str, supported: Iterable[str] = BACKE
     cpu, eager among ``supported`` (triton only for CUDA tensors: on CPU the interpreter must be
     forced).
     """
-    supported = tuple(_check_name(name, f"{op}: supported backends") for name in supported)
+    supported = tuple(supported)
+    if not set(supported) <= _BACKEND_SET:  # checked without formatting: this runs on every call
+        for name in supported:
+            _check_name(name, f"{op}: supported backends")
     device = _device(device)
     forced, source = _forced_backend()
     if forced is not None:

@@ -15,6 +15,7 @@ conv of grad_y with the kernel flipped in every dim.
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -93,11 +94,13 @@ def from_channels_last_5d(y5: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def weight_to_kernel_layout(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(C, 1, [KD,] KH, KW) -> contiguous (KD, KH, KW, C) in ``dtype``."""
-    w = weight.flatten(0, 1)
-    if w.dim() == 3:
-        w = w.unsqueeze(1)
-    return w.permute(1, 2, 3, 0).to(dtype).contiguous()
+    """(C, 1, [KD,] KH, KW) -> contiguous (KD, KH, KW, C) in ``dtype`` (few calls: this runs on
+    every op call, and each PyTorch call costs microseconds next to batch-1 kernels)."""
+    kernel_5d = kernel_size_5d(tuple(weight.shape[2:]))
+    taps = weight.reshape(weight.shape[0], -1).t()
+    if taps.dtype != dtype:
+        taps = taps.to(dtype)
+    return taps.contiguous().view(kernel_5d + [weight.shape[0]])
 
 
 def weight_from_kernel_layout(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -116,19 +119,8 @@ def choose_backend(x: torch.Tensor, op: str) -> str:
     return backends.resolve_backend(x.device, SUPPORTED_BACKENDS, op=op)
 
 
-def _compiled_kernels():
-    ops = torch.ops.uniformer_kernels_C
-    return types.SimpleNamespace(
-        depthwise_conv_forward=ops.depthwise_conv_forward,
-        depthwise_conv_backward_weight=ops.depthwise_conv_backward_weight,
-        pos_embed_norm_forward=ops.pos_embed_norm_forward,
-        # The CPU kernels are written for float32/float64; 16-bit inputs are widened around them.
-        takes_16bit=False,
-    )
-
-
-def kernels(backend: str, device: torch.device):
-    """The kernel functions of ``backend`` (one of KERNEL_BACKENDS)."""
+@functools.cache
+def _kernels(backend: str, device_type: str):
     if backend == "triton":
         from ..triton import depthwise  # imported here: the package must work without Triton
         return types.SimpleNamespace(
@@ -137,9 +129,19 @@ def kernels(backend: str, device: torch.device):
             pos_embed_norm_forward=depthwise.pos_embed_norm_forward,
             takes_16bit=True,
         )
-    compiled = _compiled_kernels()
-    compiled.takes_16bit = device.type == "cuda"
-    return compiled
+    ops = torch.ops.uniformer_kernels_C
+    return types.SimpleNamespace(
+        depthwise_conv_forward=ops.depthwise_conv_forward,
+        depthwise_conv_backward_weight=ops.depthwise_conv_backward_weight,
+        pos_embed_norm_forward=ops.pos_embed_norm_forward,
+        # The CPU kernels are written for float32/float64; 16-bit inputs are widened around them.
+        takes_16bit=device_type == "cuda",
+    )
+
+
+def kernels(backend: str, device: torch.device):
+    """The kernel functions of ``backend`` (one of KERNEL_BACKENDS), made once per device type."""
+    return _kernels(backend, device.type)
 
 
 def kernel_input(t: torch.Tensor, k) -> torch.Tensor:

@@ -45,6 +45,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _extension, backends
+from ._direct_call import may_skip_dispatch
 
 MAX_HEAD_DIM = 128
 SUPPORTED_BACKENDS = ("triton", "cpu", "eager")
@@ -95,8 +96,8 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None,
         raise ValueError("return_cls_attn: only for global attention on a (B, N, 3C) qkv (the "
                          "class token is token 0 of one sequence), not with windows or split views")
     size, grid_h, grid_w = window or (0, 0, 0)
-    out, _, cls_probs = _attention(qkv, qkv_bias, num_heads, scale, size, grid_h, grid_w,
-                                   return_cls_attn)
+    op = _attention_impl if may_skip_dispatch(qkv, qkv_bias) else _attention
+    out, _, cls_probs = op(qkv, qkv_bias, num_heads, scale, size, grid_h, grid_w, return_cls_attn)
     if return_cls_attn:
         return out, cls_probs[:, :, 1:].mean(dim=1)
     return out
@@ -428,14 +429,16 @@ def _window(window_size: int, grid_h: int, grid_w: int) -> Window | None:
     return Window(window_size, grid_h, grid_w) if window_size else None
 
 
-@torch.library.custom_op("uniformer_kernels::attention", mutates_args=())
-def _attention(qkv: torch.Tensor, qkv_bias: torch.Tensor | None, num_heads: int, scale: float,
+def _attention_impl(qkv: torch.Tensor, qkv_bias: torch.Tensor | None, num_heads: int, scale: float,
                window_size: int, grid_h: int, grid_w: int, return_cls_attn: bool
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, lse, cls_probs); window_size 0 means no windows."""
     backend = backends.resolve_backend(qkv.device, SUPPORTED_BACKENDS, op="attention")
     return _FORWARD[backend](qkv, qkv_bias, num_heads, scale,
                              _window(window_size, grid_h, grid_w), return_cls_attn)
+
+
+_attention = torch.library.custom_op("uniformer_kernels::attention", mutates_args=())(_attention_impl)
 
 
 @_attention.register_fake

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _depthwise_common as common
+from ._direct_call import may_skip_dispatch
 
 
 def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -27,7 +28,8 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     common.check_conv_args(x, weight, bias)
     if not isinstance(residual, bool):
         raise TypeError(f"residual: expected a bool, got {type(residual).__name__}")
-    return _depthwise_conv(x, weight, bias, residual)
+    op = _depthwise_conv_impl if may_skip_dispatch(x, weight, bias) else _depthwise_conv
+    return op(x, weight, bias, residual)
 
 
 def eager_depthwise_conv(x, weight, bias, residual):
@@ -39,8 +41,7 @@ def eager_depthwise_conv(x, weight, bias, residual):
     return y.contiguous(memory_format=common.memory_format_of(x))
 
 
-@torch.library.custom_op("uniformer_kernels::depthwise_conv", mutates_args=())
-def _depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def _depthwise_conv_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     residual: bool) -> torch.Tensor:
     backend = common.choose_backend(x, "depthwise_conv")
     if backend == "eager":
@@ -53,6 +54,10 @@ def _depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         None if bias is None else bias.to(acc).contiguous(),
         residual)
     return common.from_channels_last_5d(y5.to(x.dtype), x)
+
+
+_depthwise_conv = torch.library.custom_op("uniformer_kernels::depthwise_conv",
+                                          mutates_args=())(_depthwise_conv_impl)
 
 
 @_depthwise_conv.register_fake

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _depthwise_common as common
+from ._direct_call import may_skip_dispatch
 from .depthwise import _depthwise_conv_backward, eager_depthwise_conv
 
 NORMS = {"layernorm": 0, "affine": 1}
@@ -42,7 +43,9 @@ def pos_embed_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         raise ValueError(f"eps: expected a non-negative number, got {eps!r}")
     if bias is None:
         bias = x.new_zeros(channels)
-    y, z, _, _ = _pos_embed_norm(x, weight, bias, norm_weight, norm_bias, NORMS[norm], float(eps))
+    direct = may_skip_dispatch(x, weight, bias, norm_weight, norm_bias)
+    op = _pos_embed_norm_impl if direct else _pos_embed_norm
+    y, z, _, _ = op(x, weight, bias, norm_weight, norm_bias, NORMS[norm], float(eps))
     return y, z
 
 
@@ -60,8 +63,7 @@ def _eager_norm(y: torch.Tensor, norm_weight, norm_bias, norm: int, eps: float) 
     return z.contiguous(memory_format=common.memory_format_of(y))
 
 
-@torch.library.custom_op("uniformer_kernels::pos_embed_norm", mutates_args=())
-def _pos_embed_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+def _pos_embed_norm_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                     norm_weight: torch.Tensor, norm_bias: torch.Tensor, norm: int, eps: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, z, mean, rstd); mean and rstd per pixel (N*D*H*W,) for layernorm, empty for affine."""
@@ -82,6 +84,10 @@ def _pos_embed_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         *(t.to(acc).contiguous() for t in (bias, norm_weight, norm_bias)), norm, eps)
     return (common.from_channels_last_5d(y5.to(x.dtype), x),
             common.from_channels_last_5d(z5.to(x.dtype), x), mean.to(acc), rstd.to(acc))
+
+
+_pos_embed_norm = torch.library.custom_op("uniformer_kernels::pos_embed_norm",
+                                          mutates_args=())(_pos_embed_norm_impl)
 
 
 @_pos_embed_norm.register_fake
