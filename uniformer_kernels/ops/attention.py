@@ -429,16 +429,17 @@ def _window(window_size: int, grid_h: int, grid_w: int) -> Window | None:
     return Window(window_size, grid_h, grid_w) if window_size else None
 
 
-def _attention_impl(qkv: torch.Tensor, qkv_bias: torch.Tensor | None, num_heads: int, scale: float,
-               window_size: int, grid_h: int, grid_w: int, return_cls_attn: bool
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_impl(qkv: torch.Tensor, qkv_bias: torch.Tensor | None, num_heads: int,
+                    scale: float, window_size: int, grid_h: int, grid_w: int, return_cls_attn: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, lse, cls_probs); window_size 0 means no windows."""
     backend = backends.resolve_backend(qkv.device, SUPPORTED_BACKENDS, op="attention")
     return _FORWARD[backend](qkv, qkv_bias, num_heads, scale,
                              _window(window_size, grid_h, grid_w), return_cls_attn)
 
 
-_attention = torch.library.custom_op("uniformer_kernels::attention", mutates_args=())(_attention_impl)
+_attention = torch.library.custom_op("uniformer_kernels::attention",
+                                     mutates_args=())(_attention_impl)
 
 
 @_attention.register_fake

@@ -42,7 +42,7 @@ def eager_depthwise_conv(x, weight, bias, residual):
 
 
 def _depthwise_conv_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    residual: bool) -> torch.Tensor:
+                         residual: bool) -> torch.Tensor:
     backend = common.choose_backend(x, "depthwise_conv")
     if backend == "eager":
         return eager_depthwise_conv(x, weight, bias, residual)

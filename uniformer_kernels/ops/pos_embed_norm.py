@@ -64,8 +64,8 @@ def _eager_norm(y: torch.Tensor, norm_weight, norm_bias, norm: int, eps: float) 
 
 
 def _pos_embed_norm_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                    norm_weight: torch.Tensor, norm_bias: torch.Tensor, norm: int, eps: float
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                         norm_weight: torch.Tensor, norm_bias: torch.Tensor, norm: int, eps: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, z, mean, rstd); mean and rstd per pixel (N*D*H*W,) for layernorm, empty for affine."""
     backend = common.choose_backend(x, "pos_embed_norm")
     acc = common.accumulation_dtype(x.dtype)
