@@ -326,9 +326,9 @@ def test_poisoned_memory_never_leaks_into_results():
                 cases = [cases[0], ((1, 5, 3, 4, 5), (3, 3, 3))]
             if backend == "cpu":  # input + output over 8 MiB: rows streamed with non-temporal stores
                 cases.append(((2, 37, 181, 183), (3, 3)))
-            for shape, k in cases:
+            for shape, k in cases:  # 2-D channels-last, 3-D NCHW (the cpu ops write it via scratch)
                 x = torch.randn(shape).contiguous(memory_format=torch.channels_last if len(shape) == 4
-                                                  else torch.channels_last_3d).requires_grad_()
+                                                  else torch.contiguous_format).requires_grad_()
                 w = torch.randn(shape[1], 1, *k).requires_grad_()
                 b = torch.randn(shape[1]).requires_grad_()
                 nw, nb = torch.randn(shape[1]).requires_grad_(), torch.randn(shape[1]).requires_grad_()

@@ -1,10 +1,12 @@
 // The depthwise conv family's internal ops (schemas and CPU implementations).
 //
-// uniformer_kernels/ops/depthwise.py and ops/pos_embed_norm.py validate the arguments, bring x to a
-// channels-last 5-D view (N, D, H, W, C) and the weight to (KD, KH, KW, C) in the accumulation
-// dtype, and call these through torch.ops.uniformer_kernels_C. csrc/cuda registers CUDA
-// implementations of the same schemas. The checks here are the last line of defence against an
-// out-of-bounds access, not the user-facing validation.
+// uniformer_kernels/ops/depthwise.py and ops/pos_embed_norm.py validate the arguments and call
+// these through torch.ops.uniformer_kernels_C. The *_forward / *_backward_weight ops work on a
+// channels-last 5-D view (N, D, H, W, C) and weights (KD, KH, KW, C) in the accumulation dtype,
+// which ops/_depthwise_common.py prepares; csrc/cuda registers CUDA implementations of the same
+// schemas (pos_embed_norm_forward is CUDA-only). depthwise_conv_cpu and pos_embed_norm_cpu take
+// the ops' own layouts and do those relayouts here: they are the CPU backend's forwards. The checks here are the last line of defence
+// against an out-of-bounds access, not the user-facing validation.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -62,6 +64,22 @@ constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
 bool stream_output(const at::Tensor& x) { return 2 * static_cast<int64_t>(x.nbytes()) >= kStreamBytes; }
 
+// y5 = the forward on x5 (all (N, D, H, W, C) contiguous, weight (KD, KH, KW, C)).
+void run_forward(const at::Tensor& x5, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                 bool residual, const at::Tensor& y5) {
+  const ConvShape s = conv_shape(x5, weight.sizes().slice(0, 3));
+  const bool stream = stream_output(x5);
+  AT_DISPATCH_FLOATING_TYPES(x5.scalar_type(), "depthwise_conv_forward_cpu", [&] {
+    const auto& k = cpu_kernels<scalar_t>();
+    const scalar_t* b = bias ? bias->data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, s.rows(), grain_rows(s), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> row_buffer(stream ? s.width * s.channels : 0);
+      k.forward(x5.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), b, residual, y5.data_ptr<scalar_t>(), s,
+                begin, end, stream ? row_buffer.data() : nullptr);
+    });
+  });
+}
+
 at::Tensor depthwise_conv_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias, bool residual) {
   check_cpu_dtype(x);
@@ -70,17 +88,82 @@ at::Tensor depthwise_conv_forward_cpu(const at::Tensor& x, const at::Tensor& wei
   check_param(weight, x, {s.kernel_d, s.kernel_h, s.kernel_w, s.channels}, "weight");
   if (bias) check_param(*bias, x, {s.channels}, "bias");
   at::Tensor y = at::empty_like(x);
-  const bool stream = stream_output(x);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_conv_forward_cpu", [&] {
-    const auto& k = cpu_kernels<scalar_t>();
-    const scalar_t* b = bias ? bias->data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, s.rows(), grain_rows(s), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> row_buffer(stream ? s.width * s.channels : 0);
-      k.forward(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), b, residual, y.data_ptr<scalar_t>(), s,
-                begin, end, stream ? row_buffer.data() : nullptr);
-    });
-  });
+  run_forward(x, weight, bias, residual, y);
   return y;
+}
+
+// ---- The CPU backend's forwards in the ops' own layouts -------------------------------------------
+// depthwise_conv_cpu and pos_embed_norm_cpu take x (N, C, [D,] H, W) in either memory format and
+// the nn.Conv weight (C, 1, [KD,] KH, KW), and return x's memory format: the relayouts that
+// ops/_depthwise_common.py does in Python for the other backends happen here. At UniFormer's
+// batch-1 stage-3/4 shapes those Python relayouts took ~130 us against a ~40 us kernel.
+
+// The (N, D, H, W, C) view of an (N, C, [D,] H, W) tensor.
+at::Tensor channels_last_5d_view(const at::Tensor& x) {
+  return (x.dim() == 4 ? x.unsqueeze(2) : x).permute({0, 2, 3, 4, 1});
+}
+
+// The memory format the ops return (ops/_depthwise_common.memory_format_of): channels-last when x
+// is, and is not also plain contiguous.
+at::MemoryFormat output_format(const at::Tensor& x) {
+  const auto channels_last = x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+  return x.is_contiguous(channels_last) && !x.is_contiguous() ? channels_last : at::MemoryFormat::Contiguous;
+}
+
+void check_op_layout_args(const at::Tensor& x, const at::Tensor& weight) {
+  check_cpu_dtype(x);
+  TORCH_CHECK((x.dim() == 4 || x.dim() == 5) && weight.dim() == x.dim() && weight.size(0) == x.size(1) &&
+                  weight.size(1) == 1 && weight.scalar_type() == x.scalar_type(),
+              "uniformer_kernels: expected x (N, C, [D,] H, W) and a depthwise weight (C, 1, [KD,] KH, KW) of its "
+              "dtype, got ", x.sizes(), " and ", weight.sizes());
+}
+
+// (C, 1, [KD,] KH, KW) -> (KD, KH, KW, C), with a plain loop: at::'s strided copy of these few
+// thousand values costs more in thread start-up than the transpose itself.
+at::Tensor weight_taps_last(const at::Tensor& weight) {
+  const at::Tensor w = weight.contiguous();
+  const int64_t channels = w.size(0), taps = w.numel() / channels;
+  const int64_t kd = w.dim() == 5 ? w.size(2) : 1, kh = w.size(-2), kw = w.size(-1);
+  at::Tensor taps_last = at::empty({kd, kh, kw, channels}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "weight_taps_last", [&] {
+    const scalar_t* src = w.data_ptr<scalar_t>();
+    scalar_t* dst = taps_last.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < channels; ++c)
+      for (int64_t t = 0; t < taps; ++t) dst[t * channels + c] = src[c * taps + t];
+  });
+  return taps_last;
+}
+
+at::Tensor contiguous_param(const std::optional<at::Tensor>& p) {
+  return p ? p->contiguous() : at::Tensor();
+}
+
+// An output in x's memory format and where the kernel writes it: its own (N, D, H, W, C) view when
+// that is contiguous, else a scratch tensor that finish_output copies over.
+struct OpLayoutOutput {
+  at::Tensor out, out5, scratch5;
+
+  explicit OpLayoutOutput(const at::Tensor& x)
+      : out(at::empty_like(x, output_format(x))), out5(channels_last_5d_view(out)) {
+    if (!out5.is_contiguous()) scratch5 = at::empty(out5.sizes(), out5.options());
+  }
+  const at::Tensor& kernel_target() const { return scratch5.defined() ? scratch5 : out5; }
+  at::Tensor finish() {
+    if (scratch5.defined()) out5.copy_(scratch5);
+    return out;
+  }
+};
+
+at::Tensor depthwise_conv_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              bool residual) {
+  check_op_layout_args(x, weight);
+  const at::Tensor x5 = channels_last_5d_view(x).contiguous();
+  const at::Tensor taps_last = weight_taps_last(weight);
+  const at::Tensor bias_c = contiguous_param(bias);
+  if (bias) check_param(bias_c, x5, {x5.size(4)}, "bias");
+  OpLayoutOutput y(x);
+  run_forward(x5, taps_last, bias ? std::optional<at::Tensor>(bias_c) : std::nullopt, residual, y.kernel_target());
+  return y.finish();
 }
 
 // Rows are split into a fixed number of chunks, each summing into its own buffer, and the buffers
@@ -122,31 +205,41 @@ std::tuple<at::Tensor, at::Tensor> depthwise_conv_backward_weight_cpu(const at::
   return {grad_w.view({s.kernel_d, s.kernel_h, s.kernel_w, s.channels}), grad_b};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pos_embed_norm_forward_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& norm_weight,
-    const at::Tensor& norm_bias, int64_t norm, double eps) {
-  check_cpu_dtype(x);
+// y5, z5 = the pos_embed_norm forward on x5 (all (N, D, H, W, C) contiguous); returns (mean, rstd).
+std::tuple<at::Tensor, at::Tensor> run_pos_embed_norm(const at::Tensor& x5, const at::Tensor& weight,
+                                                      const at::Tensor& bias, const at::Tensor& norm_weight,
+                                                      const at::Tensor& norm_bias, int64_t norm, double eps,
+                                                      const at::Tensor& y5, const at::Tensor& z5) {
   TORCH_CHECK(norm == 0 || norm == 1, "uniformer_kernels: norm must be 0 (layernorm) or 1 (affine), got ", norm);
-  TORCH_CHECK(weight.dim() == 4, "uniformer_kernels: expected a (KD, KH, KW, C) weight, got ", weight.sizes());
-  const ConvShape s = conv_shape(x, weight.sizes().slice(0, 3));
-  check_param(weight, x, {s.kernel_d, s.kernel_h, s.kernel_w, s.channels}, "weight");
-  check_param(bias, x, {s.channels}, "bias");
-  check_param(norm_weight, x, {s.channels}, "norm_weight");
-  check_param(norm_bias, x, {s.channels}, "norm_bias");
+  const ConvShape s = conv_shape(x5, weight.sizes().slice(0, 3));
+  check_param(weight, x5, {s.kernel_d, s.kernel_h, s.kernel_w, s.channels}, "weight");
+  check_param(bias, x5, {s.channels}, "bias");
+  check_param(norm_weight, x5, {s.channels}, "norm_weight");
+  check_param(norm_bias, x5, {s.channels}, "norm_bias");
   const bool layer_norm = norm == 0;
   const int64_t pixels = layer_norm ? s.rows() * s.width : 0;
-  at::Tensor y = at::empty_like(x), z = at::empty_like(x);
-  at::Tensor mean = at::empty({pixels}, x.options()), rstd = at::empty({pixels}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pos_embed_norm_forward_cpu", [&] {
+  at::Tensor mean = at::empty({pixels}, x5.options()), rstd = at::empty({pixels}, x5.options());
+  AT_DISPATCH_FLOATING_TYPES(x5.scalar_type(), "pos_embed_norm_forward_cpu", [&] {
     const auto& k = cpu_kernels<scalar_t>();
     at::parallel_for(0, s.rows(), grain_rows(s), [&](int64_t begin, int64_t end) {
-      k.pos_embed_norm(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
+      k.pos_embed_norm(x5.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
                        norm_weight.data_ptr<scalar_t>(), norm_bias.data_ptr<scalar_t>(), layer_norm,
-                       static_cast<scalar_t>(eps), y.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
+                       static_cast<scalar_t>(eps), y5.data_ptr<scalar_t>(), z5.data_ptr<scalar_t>(),
                        mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(), s, begin, end);
     });
   });
-  return {y, z, mean, rstd};
+  return {mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pos_embed_norm_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& norm_weight,
+    const at::Tensor& norm_bias, int64_t norm, double eps) {
+  check_op_layout_args(x, weight);
+  const at::Tensor x5 = channels_last_5d_view(x).contiguous();
+  OpLayoutOutput y(x), z(x);
+  auto [mean, rstd] = run_pos_embed_norm(x5, weight_taps_last(weight), bias.contiguous(), norm_weight.contiguous(),
+                                         norm_bias.contiguous(), norm, eps, y.kernel_target(), z.kernel_target());
+  return {y.finish(), z.finish(), mean, rstd};
 }
 
 }  // namespace
@@ -157,12 +250,17 @@ TORCH_LIBRARY(uniformer_kernels_C, m) {
         " -> (Tensor, Tensor)");
   m.def("pos_embed_norm_forward(Tensor x, Tensor weight, Tensor bias, Tensor norm_weight, Tensor norm_bias,"
         " int norm, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The CPU backend's forwards in the ops' own layouts (x (N, C, [D,] H, W), weight (C, 1, k...)).
+  m.def("depthwise_conv_cpu(Tensor x, Tensor weight, Tensor? bias, bool residual) -> Tensor");
+  m.def("pos_embed_norm_cpu(Tensor x, Tensor weight, Tensor bias, Tensor norm_weight, Tensor norm_bias,"
+        " int norm, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(uniformer_kernels_C, CPU, m) {
   m.impl("depthwise_conv_forward", &depthwise_conv_forward_cpu);
   m.impl("depthwise_conv_backward_weight", &depthwise_conv_backward_weight_cpu);
-  m.impl("pos_embed_norm_forward", &pos_embed_norm_forward_cpu);
+  m.impl("depthwise_conv_cpu", &depthwise_conv_cpu);
+  m.impl("pos_embed_norm_cpu", &pos_embed_norm_cpu);
 }
 
 }  // namespace uniformer_kernels

@@ -10,6 +10,9 @@ Every kernel backend exposes the same three functions on channels-last 5-D tenso
 
 cpu and cuda are the compiled ops torch.ops.uniformer_kernels_C.* (csrc/cpu/depthwise.cpp defines
 them; csrc/cuda registers CUDA implementations), triton is uniformer_kernels/triton/depthwise.py.
+The cpu backend's forwards skip this layer: depthwise_conv_cpu and pos_embed_norm_cpu take the ops'
+own layouts and relayout in C++, which saves ~100 µs of PyTorch calls at batch-1 shapes (the cpu
+namespace below serves its backward, and CUDA tensors).
 The input gradient needs no kernel of its own: with stride 1 and padding k//2 it is the forward
 conv of grad_y with the kernel flipped in every dim.
 """
@@ -25,6 +28,7 @@ from .. import backends
 KERNEL_BACKENDS = ("triton", "cuda", "cpu")
 SUPPORTED_BACKENDS = KERNEL_BACKENDS + ("eager",)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CPU_KERNEL_DTYPES = (torch.float32, torch.float64)  # the CPU kernels widen 16-bit inputs to float32
 MAX_KERNEL_SIZE = 7
 
 
@@ -53,9 +57,9 @@ def check_conv_args(x, weight, bias) -> tuple[int, ...]:
     if x.numel() == 0:
         raise ValueError(f"x: empty tensor of shape {tuple(x.shape)}")
     check_tensor("weight", weight, like=x)
-    channels, spatial = x.shape[1], x.dim() - 2
-    expected = f"({channels}, 1" + ", k" * spatial + ")"
+    channels = x.shape[1]
     if weight.dim() != x.dim() or weight.shape[0] != channels or weight.shape[1] != 1:
+        expected = f"({channels}, 1" + ", k" * (x.dim() - 2) + ")"
         raise ValueError(f"weight: expected a depthwise weight of shape {expected} for x with "
                          f"{channels} channels, got {tuple(weight.shape)}")
     kernel_size = tuple(weight.shape[2:])

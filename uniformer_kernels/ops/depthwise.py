@@ -46,6 +46,12 @@ def _depthwise_conv_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     backend = common.choose_backend(x, "depthwise_conv")
     if backend == "eager":
         return eager_depthwise_conv(x, weight, bias, residual)
+    if backend == "cpu":  # one C++ call, relayouts included
+        if x.dtype in common.CPU_KERNEL_DTYPES:
+            return torch.ops.uniformer_kernels_C.depthwise_conv_cpu(x, weight, bias, residual)
+        y = torch.ops.uniformer_kernels_C.depthwise_conv_cpu(
+            x.float(), weight.float(), None if bias is None else bias.float(), residual)
+        return y.to(x.dtype)
     kernels = common.kernels(backend, x.device)
     acc = common.accumulation_dtype(x.dtype)
     y5 = kernels.depthwise_conv_forward(

@@ -77,6 +77,13 @@ def _pos_embed_norm_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         y_pixels = common.to_channels_last_5d(y).flatten(0, 3).to(acc)
         var, mean = torch.var_mean(y_pixels, dim=1, correction=0)
         return y, z, mean, torch.rsqrt(var + eps)
+    if backend == "cpu":  # one C++ call, relayouts included
+        tensors = (x, weight, bias, norm_weight, norm_bias)
+        if x.dtype in common.CPU_KERNEL_DTYPES:
+            return torch.ops.uniformer_kernels_C.pos_embed_norm_cpu(*tensors, norm, eps)
+        y, z, mean, rstd = torch.ops.uniformer_kernels_C.pos_embed_norm_cpu(
+            *(t.float() for t in tensors), norm, eps)
+        return y.to(x.dtype), z.to(x.dtype), mean, rstd
     kernels = common.kernels(backend, x.device)
     y5, z5, mean, rstd = kernels.pos_embed_norm_forward(
         common.kernel_input(common.to_channels_last_5d(x), kernels),
