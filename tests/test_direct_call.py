@@ -15,8 +15,9 @@ pos_embed_norm_module = importlib.import_module("uniformer_kernels.ops.pos_embed
 
 
 def _depthwise_args():
+    """x, and weight and bias as a module holds them: Parameters that require a gradient."""
     x = torch.randn(2, 6, 7, 9).contiguous(memory_format=torch.channels_last)
-    return x, torch.randn(6, 1, 3, 3), torch.randn(6)
+    return x, torch.nn.Parameter(torch.randn(6, 1, 3, 3)), torch.nn.Parameter(torch.randn(6))
 
 
 def _calls():
@@ -49,9 +50,24 @@ def test_inference_skips_the_custom_op_and_autograd_does_not(index, monkeypatch)
     monkeypatch.setattr(module, name, _refuse)
     with torch.no_grad():
         call(False)  # direct: never touches the (now refusing) custom op
-    call(False)  # no input needs a gradient: direct as well
     with pytest.raises(AssertionError, match="dispatched"):
         call(True)
+
+
+class _LoggingTensor(torch.Tensor):
+    """A subclass that could intercept calls (it inherits __torch_function__)."""
+
+
+def test_which_calls_may_skip_the_dispatch():
+    from uniformer_kernels.ops._direct_call import may_skip_dispatch
+    plain, weight = torch.randn(3), torch.nn.Parameter(torch.randn(3))
+    assert may_skip_dispatch(plain, None)
+    assert not may_skip_dispatch(plain, weight)  # the weight needs a gradient
+    with torch.no_grad():
+        assert may_skip_dispatch(plain, weight)  # eval: a module's Parameters are plain tensors
+        assert not may_skip_dispatch(plain.as_subclass(_LoggingTensor))
+    with torch.inference_mode():
+        assert may_skip_dispatch(plain, weight)
 
 
 class _OpLog(TorchDispatchMode):

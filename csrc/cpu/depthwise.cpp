@@ -1,16 +1,21 @@
-// The depthwise conv family's internal ops (schemas and CPU implementations).
+// The depthwise conv family's internal ops: their schemas, and the CPU backend.
 //
 // uniformer_kernels/ops/depthwise.py and ops/pos_embed_norm.py validate the arguments and call
-// these through torch.ops.uniformer_kernels_C. The *_forward / *_backward_weight ops work on a
-// channels-last 5-D view (N, D, H, W, C) and weights (KD, KH, KW, C) in the accumulation dtype,
-// which ops/_depthwise_common.py prepares; csrc/cuda registers CUDA implementations of the same
-// schemas (pos_embed_norm_forward is CUDA-only). depthwise_conv_cpu and pos_embed_norm_cpu take
-// the ops' own layouts and do those relayouts here: they are the CPU backend's forwards. The checks here are the last line of defence
-// against an out-of-bounds access, not the user-facing validation.
+// these through torch.ops.uniformer_kernels_C.
+// - depthwise_conv_forward, depthwise_conv_backward_weight, pos_embed_norm_forward: the kernels'
+//   own layouts, a channels-last 5-D (N, D, H, W, C) input and (KD, KH, KW, C) weights, which
+//   ops/_depthwise_common.py prepares. Schemas only here: csrc/cuda implements them for CUDA.
+// - depthwise_conv_cpu, depthwise_conv_backward_cpu, pos_embed_norm_cpu: the CPU backend, in the
+//   ops' own layouts (x (N, C, [D,] H, W) in either memory format, weight (C, 1, [KD,] KH, KW)).
+//   The relayouts happen here, in C++: at UniFormer's batch-1 stage-3/4 shapes the same relayouts
+//   as PyTorch calls from Python took ~130 us against a ~40 us kernel.
+// The checks here are the last line of defence against an out-of-bounds access, not the
+// user-facing validation.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -80,23 +85,7 @@ void run_forward(const at::Tensor& x5, const at::Tensor& weight, const std::opti
   });
 }
 
-at::Tensor depthwise_conv_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                      const std::optional<at::Tensor>& bias, bool residual) {
-  check_cpu_dtype(x);
-  TORCH_CHECK(weight.dim() == 4, "uniformer_kernels: expected a (KD, KH, KW, C) weight, got ", weight.sizes());
-  const ConvShape s = conv_shape(x, weight.sizes().slice(0, 3));
-  check_param(weight, x, {s.kernel_d, s.kernel_h, s.kernel_w, s.channels}, "weight");
-  if (bias) check_param(*bias, x, {s.channels}, "bias");
-  at::Tensor y = at::empty_like(x);
-  run_forward(x, weight, bias, residual, y);
-  return y;
-}
-
-// ---- The CPU backend's forwards in the ops' own layouts -------------------------------------------
-// depthwise_conv_cpu and pos_embed_norm_cpu take x (N, C, [D,] H, W) in either memory format and
-// the nn.Conv weight (C, 1, [KD,] KH, KW), and return x's memory format: the relayouts that
-// ops/_depthwise_common.py does in Python for the other backends happen here. At UniFormer's
-// batch-1 stage-3/4 shapes those Python relayouts took ~130 us against a ~40 us kernel.
+// ---- Between the ops' layouts and the kernels' -----------------------------------------------------
 
 // The (N, D, H, W, C) view of an (N, C, [D,] H, W) tensor.
 at::Tensor channels_last_5d_view(const at::Tensor& x) {
@@ -119,8 +108,9 @@ void check_op_layout_args(const at::Tensor& x, const at::Tensor& weight) {
 }
 
 // (C, 1, [KD,] KH, KW) -> (KD, KH, KW, C), with a plain loop: at::'s strided copy of these few
-// thousand values costs more in thread start-up than the transpose itself.
-at::Tensor weight_taps_last(const at::Tensor& weight) {
+// thousand values costs more in thread start-up than the transpose itself. With flipped, the
+// kernel is also reversed in every dim (the input gradient's kernel): the flat tap index reversed.
+at::Tensor weight_taps_last(const at::Tensor& weight, bool flipped = false) {
   const at::Tensor w = weight.contiguous();
   const int64_t channels = w.size(0), taps = w.numel() / channels;
   const int64_t kd = w.dim() == 5 ? w.size(2) : 1, kh = w.size(-2), kw = w.size(-1);
@@ -129,9 +119,23 @@ at::Tensor weight_taps_last(const at::Tensor& weight) {
     const scalar_t* src = w.data_ptr<scalar_t>();
     scalar_t* dst = taps_last.data_ptr<scalar_t>();
     for (int64_t c = 0; c < channels; ++c)
-      for (int64_t t = 0; t < taps; ++t) dst[t * channels + c] = src[c * taps + t];
+      for (int64_t t = 0; t < taps; ++t) dst[(flipped ? taps - 1 - t : t) * channels + c] = src[c * taps + t];
   });
   return taps_last;
+}
+
+// (KD, KH, KW, C) -> like's (C, 1, [KD,] KH, KW), the inverse of weight_taps_last.
+at::Tensor weight_from_taps_last(const at::Tensor& taps_last, const at::Tensor& like) {
+  const at::Tensor src_tensor = taps_last.contiguous();
+  const int64_t channels = like.size(0), taps = like.numel() / channels;
+  at::Tensor w = at::empty(like.sizes(), src_tensor.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "weight_from_taps_last", [&] {
+    const scalar_t* src = src_tensor.data_ptr<scalar_t>();
+    scalar_t* dst = w.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < channels; ++c)
+      for (int64_t t = 0; t < taps; ++t) dst[c * taps + t] = src[t * channels + c];
+  });
+  return w;
 }
 
 at::Tensor contiguous_param(const std::optional<at::Tensor>& p) {
@@ -166,14 +170,11 @@ at::Tensor depthwise_conv_cpu(const at::Tensor& x, const at::Tensor& weight, con
   return y.finish();
 }
 
+// (grad_weight (KD, KH, KW, C), grad_bias) from grad_y and x, both (N, D, H, W, C) contiguous.
 // Rows are split into a fixed number of chunks, each summing into its own buffer, and the buffers
 // are added in chunk order: the result depends on the thread count, never on thread timing.
-std::tuple<at::Tensor, at::Tensor> depthwise_conv_backward_weight_cpu(const at::Tensor& grad_y,
-                                                                      const at::Tensor& x,
-                                                                      at::IntArrayRef kernel_size,
-                                                                      bool deterministic) {
-  (void)deterministic;  // the CPU reduction is always deterministic
-  check_cpu_dtype(x);
+std::tuple<at::Tensor, at::Tensor> run_weight_grad(const at::Tensor& grad_y, const at::Tensor& x,
+                                                   at::IntArrayRef kernel_size) {
   const ConvShape s = conv_shape(x, kernel_size);
   TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.is_contiguous() && grad_y.scalar_type() == x.scalar_type(),
               "uniformer_kernels: grad_y must be contiguous and match x (", x.sizes(), ", ", x.scalar_type(),
@@ -184,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> depthwise_conv_backward_weight_cpu(const at::
   const int64_t taps = s.kernel_d * s.kernel_h * s.kernel_w;
   at::Tensor partial_w = at::zeros({chunks, taps * s.channels}, x.options());
   at::Tensor partial_b = at::zeros({chunks, s.channels}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_conv_backward_weight_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "run_weight_grad", [&] {
     const auto& k = cpu_kernels<scalar_t>();
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
@@ -203,6 +204,35 @@ std::tuple<at::Tensor, at::Tensor> depthwise_conv_backward_weight_cpu(const at::
     grad_b += partial_b[chunk];
   }
   return {grad_w.view({s.kernel_d, s.kernel_h, s.kernel_w, s.channels}), grad_b};
+}
+
+// The CPU backend's backward in the ops' own layouts: (grad_x in x's memory format, grad_weight
+// (C, 1, k...), grad_bias (C,)), an entry whose output_mask is false being empty. grad_x is the
+// forward conv of grad_y with the flipped kernel (stride 1, padding k//2), plus grad_y for residual.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv_backward_cpu(const at::Tensor& grad_y,
+                                                                           const at::Tensor& x,
+                                                                           const at::Tensor& weight, bool residual,
+                                                                           std::array<bool, 3> output_mask) {
+  check_op_layout_args(x, weight);
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
+              "uniformer_kernels: grad_y must match x (", x.sizes(), ", ", x.scalar_type(), "), got ", grad_y.sizes(),
+              ", ", grad_y.scalar_type());
+  const auto [need_x, need_weight, need_bias] = output_mask;
+  const at::Tensor grad_y5 = channels_last_5d_view(grad_y).contiguous();
+  at::Tensor grad_x = at::empty({0}, x.options()), grad_weight = grad_x.clone(), grad_bias = grad_x.clone();
+  if (need_x) {
+    OpLayoutOutput out(x);
+    run_forward(grad_y5, weight_taps_last(weight, /*flipped=*/true), std::nullopt, residual, out.kernel_target());
+    grad_x = out.finish();
+  }
+  if (need_weight || need_bias) {
+    const at::Tensor x5 = channels_last_5d_view(x).contiguous();
+    const std::vector<int64_t> kernel_size = {weight.dim() == 5 ? weight.size(2) : 1, weight.size(-2), weight.size(-1)};
+    auto [grad_w_taps_last, grad_b] = run_weight_grad(grad_y5, x5, kernel_size);
+    if (need_weight) grad_weight = weight_from_taps_last(grad_w_taps_last, weight);
+    if (need_bias) grad_bias = grad_b;
+  }
+  return {grad_x, grad_weight, grad_bias};
 }
 
 // y5, z5 = the pos_embed_norm forward on x5 (all (N, D, H, W, C) contiguous); returns (mean, rstd).
@@ -250,16 +280,17 @@ TORCH_LIBRARY(uniformer_kernels_C, m) {
         " -> (Tensor, Tensor)");
   m.def("pos_embed_norm_forward(Tensor x, Tensor weight, Tensor bias, Tensor norm_weight, Tensor norm_bias,"
         " int norm, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
-  // The CPU backend's forwards in the ops' own layouts (x (N, C, [D,] H, W), weight (C, 1, k...)).
+  // The CPU backend, in the ops' own layouts (x (N, C, [D,] H, W), weight (C, 1, k...)).
   m.def("depthwise_conv_cpu(Tensor x, Tensor weight, Tensor? bias, bool residual) -> Tensor");
+  m.def("depthwise_conv_backward_cpu(Tensor grad_y, Tensor x, Tensor weight, bool residual, bool[3] output_mask)"
+        " -> (Tensor, Tensor, Tensor)");
   m.def("pos_embed_norm_cpu(Tensor x, Tensor weight, Tensor bias, Tensor norm_weight, Tensor norm_bias,"
         " int norm, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(uniformer_kernels_C, CPU, m) {
-  m.impl("depthwise_conv_forward", &depthwise_conv_forward_cpu);
-  m.impl("depthwise_conv_backward_weight", &depthwise_conv_backward_weight_cpu);
   m.impl("depthwise_conv_cpu", &depthwise_conv_cpu);
+  m.impl("depthwise_conv_backward_cpu", &depthwise_conv_backward_cpu);
   m.impl("pos_embed_norm_cpu", &pos_embed_norm_cpu);
 }
 

@@ -1,32 +1,31 @@
 """What the depthwise conv family's ops (depthwise.py, pos_embed_norm.py) share: argument checks,
 the channels-last 5-D layout the kernels work in, and the kernels of each backend.
 
-Every kernel backend exposes the same three functions on channels-last 5-D tensors
+The triton and cuda backends expose the same three functions on channels-last 5-D tensors
 (N, D, H, W, C), a 2-D conv having D = 1, with weights (KD, KH, KW, C) in the accumulation dtype:
 
     depthwise_conv_forward(x, weight, bias, residual) -> y
     depthwise_conv_backward_weight(grad_y, x, kernel_size, deterministic) -> (grad_weight, grad_bias)
     pos_embed_norm_forward(x, weight, bias, norm_weight, norm_bias, norm, eps) -> (y, z, mean, rstd)
 
-cpu and cuda are the compiled ops torch.ops.uniformer_kernels_C.* (csrc/cpu/depthwise.cpp defines
-them; csrc/cuda registers CUDA implementations), triton is uniformer_kernels/triton/depthwise.py.
-The cpu backend's forwards skip this layer: depthwise_conv_cpu and pos_embed_norm_cpu take the ops'
-own layouts and relayout in C++, which saves ~100 µs of PyTorch calls at batch-1 shapes (the cpu
-namespace below serves its backward, and CUDA tensors).
+cuda's are the compiled ops torch.ops.uniformer_kernels_C.* (csrc/cpu/depthwise.cpp defines the
+schemas, csrc/cuda the CUDA implementations), triton's are in uniformer_kernels/triton/depthwise.py.
+The cpu backend skips this layer: its ops (depthwise_conv_cpu, depthwise_conv_backward_cpu,
+pos_embed_norm_cpu) take the ops' own layouts and relayout in C++, which saves ~100 µs of PyTorch
+calls a call at batch-1 shapes; they compute in float32/float64, so 16-bit inputs are widened
+around them.
 The input gradient needs no kernel of its own: with stride 1 and padding k//2 it is the forward
 conv of grad_y with the kernel flipped in every dim.
 """
 from __future__ import annotations
 
 import functools
-import types
 
 import torch
 
 from .. import backends
 
-KERNEL_BACKENDS = ("triton", "cuda", "cpu")
-SUPPORTED_BACKENDS = KERNEL_BACKENDS + ("eager",)
+SUPPORTED_BACKENDS = ("triton", "cuda", "cpu", "eager")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CPU_KERNEL_DTYPES = (torch.float32, torch.float64)  # the CPU kernels widen 16-bit inputs to float32
 MAX_KERNEL_SIZE = 7
@@ -124,32 +123,9 @@ def choose_backend(x: torch.Tensor, op: str) -> str:
 
 
 @functools.cache
-def _kernels(backend: str, device_type: str):
+def kernels(backend: str):
+    """The kernel functions of ``backend`` (triton or cuda), made once."""
     if backend == "triton":
         from ..triton import depthwise  # imported here: the package must work without Triton
-        return types.SimpleNamespace(
-            depthwise_conv_forward=depthwise.depthwise_conv_forward,
-            depthwise_conv_backward_weight=depthwise.depthwise_conv_backward_weight,
-            pos_embed_norm_forward=depthwise.pos_embed_norm_forward,
-            takes_16bit=True,
-        )
-    ops = torch.ops.uniformer_kernels_C
-    return types.SimpleNamespace(
-        depthwise_conv_forward=ops.depthwise_conv_forward,
-        depthwise_conv_backward_weight=ops.depthwise_conv_backward_weight,
-        pos_embed_norm_forward=ops.pos_embed_norm_forward,
-        # The CPU kernels are written for float32/float64; 16-bit inputs are widened around them.
-        takes_16bit=device_type == "cuda",
-    )
-
-
-def kernels(backend: str, device: torch.device):
-    """The kernel functions of ``backend`` (one of KERNEL_BACKENDS), made once per device type."""
-    return _kernels(backend, device.type)
-
-
-def kernel_input(t: torch.Tensor, k) -> torch.Tensor:
-    """``t`` in a dtype the kernels take (16-bit widened to float32 where they need it)."""
-    if t.dtype in (torch.float16, torch.bfloat16) and not k.takes_16bit:
-        return t.float()
-    return t
+        return depthwise
+    return torch.ops.uniformer_kernels_C

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import torch
 
+# nn.Parameter is a Tensor subclass that disables __torch_function__: a module's weights are plain
+# tensors to the op. Any other subclass may intercept the call and must see the op.
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
 
 def may_skip_dispatch(*tensors: torch.Tensor | None) -> bool:
     """Whether a call on ``tensors`` (None entries ignored) is plain eager inference."""
     if torch.compiler.is_compiling():
         return False
     present = [t for t in tensors if t is not None]
-    if any(type(t) is not torch.Tensor for t in present):
+    if any(type(t) not in _PLAIN_TYPES for t in present):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
         return False

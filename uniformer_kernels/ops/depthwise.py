@@ -52,10 +52,10 @@ def _depthwise_conv_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         y = torch.ops.uniformer_kernels_C.depthwise_conv_cpu(
             x.float(), weight.float(), None if bias is None else bias.float(), residual)
         return y.to(x.dtype)
-    kernels = common.kernels(backend, x.device)
+    kernels = common.kernels(backend)
     acc = common.accumulation_dtype(x.dtype)
     y5 = kernels.depthwise_conv_forward(
-        common.kernel_input(common.to_channels_last_5d(x), kernels),
+        common.to_channels_last_5d(x),
         common.weight_to_kernel_layout(weight, acc),
         None if bias is None else bias.to(acc).contiguous(),
         residual)
@@ -87,17 +87,25 @@ def _depthwise_conv_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torc
         if need_x:
             grad_x = grad_x + grad_y if residual else grad_x
             grad_x = grad_x.contiguous(memory_format=common.memory_format_of(x))
+    elif backend == "cpu":  # one C++ call, relayouts included
+        if x.dtype in common.CPU_KERNEL_DTYPES:
+            grad_x, grad_weight, grad_bias = torch.ops.uniformer_kernels_C.depthwise_conv_backward_cpu(
+                grad_y, x, weight, residual, output_mask)
+        else:
+            grads = torch.ops.uniformer_kernels_C.depthwise_conv_backward_cpu(
+                grad_y.float(), x.float(), weight.float(), residual, output_mask)
+            grad_x, grad_weight, grad_bias = (g.to(x.dtype) for g in grads)
     else:
-        kernels = common.kernels(backend, x.device)
+        kernels = common.kernels(backend)
         acc = common.accumulation_dtype(x.dtype)
-        grad_y5 = common.kernel_input(common.to_channels_last_5d(grad_y), kernels)
+        grad_y5 = common.to_channels_last_5d(grad_y)
         grad_x = grad_weight = grad_bias = None
         if need_x:
             flipped = common.weight_to_kernel_layout(weight, acc).flip(0, 1, 2).contiguous()
             grad_x5 = kernels.depthwise_conv_forward(grad_y5, flipped, None, residual)
             grad_x = common.from_channels_last_5d(grad_x5.to(x.dtype), x)
         if need_weight or need_bias:
-            x5 = common.kernel_input(common.to_channels_last_5d(x), kernels)
+            x5 = common.to_channels_last_5d(x)
             grad_w5, grad_b = kernels.depthwise_conv_backward_weight(
                 grad_y5, x5, common.kernel_size_5d(tuple(weight.shape[2:])),
                 torch.are_deterministic_algorithms_enabled())

@@ -84,9 +84,9 @@ def _pos_embed_norm_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         y, z, mean, rstd = torch.ops.uniformer_kernels_C.pos_embed_norm_cpu(
             *(t.float() for t in tensors), norm, eps)
         return y.to(x.dtype), z.to(x.dtype), mean, rstd
-    kernels = common.kernels(backend, x.device)
+    kernels = common.kernels(backend)
     y5, z5, mean, rstd = kernels.pos_embed_norm_forward(
-        common.kernel_input(common.to_channels_last_5d(x), kernels),
+        common.to_channels_last_5d(x),
         common.weight_to_kernel_layout(weight, acc),
         *(t.to(acc).contiguous() for t in (bias, norm_weight, norm_bias)), norm, eps)
     return (common.from_channels_last_5d(y5.to(x.dtype), x),
