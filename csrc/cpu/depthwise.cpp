@@ -107,14 +107,20 @@ void check_op_layout_args(const at::Tensor& x, const at::Tensor& weight) {
               "dtype, got ", x.sizes(), " and ", weight.sizes());
 }
 
+// (KD, KH, KW) of a (C, 1, [KD,] KH, KW) weight, KD = 1 for a 2-D one.
+std::vector<int64_t> kernel_size_3d(const at::Tensor& weight) {
+  return {weight.dim() == 5 ? weight.size(2) : 1, weight.size(-2), weight.size(-1)};
+}
+
 // (C, 1, [KD,] KH, KW) -> (KD, KH, KW, C), with a plain loop: at::'s strided copy of these few
 // thousand values costs more in thread start-up than the transpose itself. With flipped, the
 // kernel is also reversed in every dim (the input gradient's kernel): the flat tap index reversed.
 at::Tensor weight_taps_last(const at::Tensor& weight, bool flipped = false) {
   const at::Tensor w = weight.contiguous();
   const int64_t channels = w.size(0), taps = w.numel() / channels;
-  const int64_t kd = w.dim() == 5 ? w.size(2) : 1, kh = w.size(-2), kw = w.size(-1);
-  at::Tensor taps_last = at::empty({kd, kh, kw, channels}, w.options());
+  std::vector<int64_t> sizes = kernel_size_3d(w);
+  sizes.push_back(channels);
+  at::Tensor taps_last = at::empty(sizes, w.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "weight_taps_last", [&] {
     const scalar_t* src = w.data_ptr<scalar_t>();
     scalar_t* dst = taps_last.data_ptr<scalar_t>();
@@ -138,12 +144,8 @@ at::Tensor weight_from_taps_last(const at::Tensor& taps_last, const at::Tensor& 
   return w;
 }
 
-at::Tensor contiguous_param(const std::optional<at::Tensor>& p) {
-  return p ? p->contiguous() : at::Tensor();
-}
-
 // An output in x's memory format and where the kernel writes it: its own (N, D, H, W, C) view when
-// that is contiguous, else a scratch tensor that finish_output copies over.
+// that is contiguous, else a scratch tensor that finish() copies over.
 struct OpLayoutOutput {
   at::Tensor out, out5, scratch5;
 
@@ -163,10 +165,13 @@ at::Tensor depthwise_conv_cpu(const at::Tensor& x, const at::Tensor& weight, con
   check_op_layout_args(x, weight);
   const at::Tensor x5 = channels_last_5d_view(x).contiguous();
   const at::Tensor taps_last = weight_taps_last(weight);
-  const at::Tensor bias_c = contiguous_param(bias);
-  if (bias) check_param(bias_c, x5, {x5.size(4)}, "bias");
+  std::optional<at::Tensor> bias_c;
+  if (bias) {
+    bias_c = bias->contiguous();
+    check_param(*bias_c, x5, {x5.size(4)}, "bias");
+  }
   OpLayoutOutput y(x);
-  run_forward(x5, taps_last, bias ? std::optional<at::Tensor>(bias_c) : std::nullopt, residual, y.kernel_target());
+  run_forward(x5, taps_last, bias_c, residual, y.kernel_target());
   return y.finish();
 }
 
@@ -227,8 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv_backward_cpu(const
   }
   if (need_weight || need_bias) {
     const at::Tensor x5 = channels_last_5d_view(x).contiguous();
-    const std::vector<int64_t> kernel_size = {weight.dim() == 5 ? weight.size(2) : 1, weight.size(-2), weight.size(-1)};
-    auto [grad_w_taps_last, grad_b] = run_weight_grad(grad_y5, x5, kernel_size);
+    auto [grad_w_taps_last, grad_b] = run_weight_grad(grad_y5, x5, kernel_size_3d(weight));
     if (need_weight) grad_weight = weight_from_taps_last(grad_w_taps_last, weight);
     if (need_bias) grad_bias = grad_b;
   }

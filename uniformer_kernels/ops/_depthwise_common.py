@@ -27,7 +27,7 @@ from .. import backends
 
 SUPPORTED_BACKENDS = ("triton", "cuda", "cpu", "eager")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-CPU_KERNEL_DTYPES = (torch.float32, torch.float64)  # the CPU kernels widen 16-bit inputs to float32
+CPU_KERNEL_DTYPES = (torch.float32, torch.float64)  # what the CPU ops take; ops/ widens 16-bit around them
 MAX_KERNEL_SIZE = 7
 
 
