@@ -76,7 +76,8 @@ def test_inflation_center_matches_2d_conv_on_every_frame():
 def test_image_checkpoint_inflates_into_video_model(mode):
     image = randomised(um.create_model("uniformer_small", num_classes=1000))
     video = um.create_model("uniformer_small_video", num_classes=400)
-    report = um.load_checkpoint(video, image.state_dict(), inflate=mode)
+    with pytest.warns(UserWarning, match="class count differs"):  # inflation drops the head
+        report = um.load_checkpoint(video, image.state_dict(), inflate=mode)
     assert "patch_embed1.proj.weight" in report.inflated
     assert "blocks1.0.attn.weight" in report.inflated and "blocks3.0.pos_embed.weight" in report.inflated
     assert set(report.dropped) == {"head.weight", "head.bias"}  # 1000 vs 400 classes
@@ -85,6 +86,34 @@ def test_image_checkpoint_inflates_into_video_model(mode):
     w3 = video.state_dict()["blocks1.0.attn.weight"]
     torch.testing.assert_close(w3, um.inflate_weight(w2, 5, mode))
     assert torch.equal(video.blocks3[0].attn.qkv.weight, image.blocks3[0].attn.qkv.weight)
+
+
+def test_head_of_another_class_count_raises_unless_dropped():
+    src = randomised(um.create_model("uniformer_small", num_classes=400))
+    dst = um.create_model("uniformer_small", num_classes=1000)
+    before = dst.head.weight.clone()
+    with pytest.raises(ValueError, match=r"(?s)head.weight: checkpoint 400 classes vs model 1000"
+                                         r".*drop_head=True"):
+        um.load_checkpoint(dst, src.state_dict())
+    assert torch.equal(dst.head.weight, before)  # refused: nothing loaded
+    with pytest.warns(UserWarning, match="head.weight"):
+        report = um.load_checkpoint(dst, src.state_dict(), drop_head=True)
+    assert set(report.dropped) == {"head.weight", "head.bias"}
+    assert torch.equal(dst.head.weight, before)
+    assert torch.equal(dst.blocks4[0].attn.qkv.weight, src.blocks4[0].attn.qkv.weight)
+
+
+def test_inflation_keeps_a_head_check_when_asked():
+    image = randomised(um.create_model("uniformer_small", num_classes=1000))
+    video = um.create_model("uniformer_small_video", num_classes=400)
+    with pytest.raises(ValueError, match="drop_head=True"):
+        um.load_checkpoint(video, image.state_dict(), drop_head=False)
+
+
+def test_drop_head_must_be_a_bool_or_none():
+    model = um.create_model("uniformer_xxs", num_classes=10)
+    with pytest.raises(TypeError, match="drop_head"):
+        um.load_checkpoint(model, model.state_dict(), drop_head="yes")
 
 
 def test_head_of_same_class_count_is_kept():
