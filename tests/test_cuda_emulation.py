@@ -83,6 +83,9 @@ def build_library(cache_dir: Path) -> Path:
         partial = Path(work) / library.name
         subprocess.run([CXX, "-shared", "-o", str(partial), *map(str, objects)], check=True)
         os.replace(partial, library)  # atomic: a concurrent session sees all of it or nothing
+    for stale in cache_dir.glob("libuk_cuda_emulation_*.so"):
+        if stale != library:
+            stale.unlink(missing_ok=True)  # a process that has one loaded keeps its copy
     return library
 
 
@@ -177,7 +180,8 @@ def test_barrier_orders_shared_memory(emu, dynamic_shared):
     """A tree sum in shared memory is right with __syncthreads and wrong without: so the barrier
     really holds threads back, and the test kernel really depends on it."""
     blocks, n = 3, 256
-    values = torch.randint(-1000, 1000, (blocks, n), dtype=torch.int32)
+    values = torch.randint(-1000, 1000, (blocks, n), dtype=torch.int32,
+                           generator=torch.Generator().manual_seed(0))
     for seed in (0, SCHEDULE_SEED):
         emu.set_schedule_seed(seed)
         for barrier in (True, False):
@@ -366,22 +370,25 @@ CASES = [
     ((3, 9, 7), (3, 5, 1)), ((7, 5), (1, 3)),
 ]
 CASE_IDS = ["x".join(map(str, s)) + "-k" + "x".join(map(str, k)) for s, k in CASES]
-# (batch, channels): channels that are a multiple of every vector width (16), of float64's only
-# (6), of none (37, more than one warp of scalar lanes); batch 1.
-LAYOUTS = [(2, 37), (1, 16), (1, 6)]
+# (batch, channels, bias?, residual?): channels that are a multiple of every vector width (16), of
+# float64's only (6), of none (37, more than one warp of scalar lanes); batch 1.
+LAYOUTS = [(2, 37, True, False), (1, 16, False, True), (1, 6, True, True)]
 
 
-def run_forward(emu, dtype, x_kernel, weight, bias, residual, kernel_size, misalign=0):
-    """The forward launch on guarded buffers; returns y (kernel layout)."""
+def run_forward(emu, dtype, x_kernel, weight, bias, residual, kernel_size, misaligned=()):
+    """The forward launch on guarded buffers (those named in `misaligned`, of x / weight / bias /
+    y, one element off 16 bytes); returns y (kernel layout)."""
     acc = accum_dtype(dtype)
-    x = Guarded(x_kernel, misalign)
-    w = Guarded(weight_to_kernel_layout(weight).to(acc), misalign)
-    b = None if bias is None else Guarded(bias.to(acc), misalign)
-    y = Guarded.poisoned(x_kernel.shape, dtype, misalign)
+    x = Guarded(x_kernel, int("x" in misaligned))
+    w = Guarded(weight_to_kernel_layout(weight).to(acc), int("weight" in misaligned))
+    b = None if bias is None else Guarded(bias.to(acc), int("bias" in misaligned))
+    y = Guarded.poisoned(x_kernel.shape, dtype, int("y" in misaligned))
     sizes, k = shape_args(x_kernel, kernel_size)
     emu.check(emu.depthwise_conv_forward(DTYPE_CODES[dtype], x.ptr, w.ptr, b and b.ptr, residual,
                                          y.ptr, sizes, k), "depthwise forward")
-    y.check_guards("y")
+    for name, buf in (("x", x), ("weight", w), ("bias", b), ("y", y)):
+        if buf is not None:
+            buf.check_guards(name)
     return y.view
 
 
@@ -421,38 +428,39 @@ def weight_grad_to_torch_layout(grad_w: torch.Tensor, dims: int) -> torch.Tensor
 def test_depthwise_forward_and_input_gradient(emu, spatial, kernel, dtype):
     """y = bias + conv(x) (+ x), and grad_x as the same launch on grad_y with the weight flipped,
     against float64 autograd."""
-    for seed, (batch, channels) in enumerate(LAYOUTS):
+    for seed, layout in enumerate(LAYOUTS):
+        batch, channels, with_bias, residual = layout
         x, weight, bias = make_inputs(batch, channels, spatial, kernel, dtype, seed)
-        with_bias, residual = seed != 1, seed != 0
+        bias = bias if with_bias else None
         dims = x.dim()
         x64 = x.double().requires_grad_()
-        ref = conv_reference(x64, weight, bias if with_bias else None) + (x64 if residual else 0)
-        y = run_forward(emu, dtype, to_kernel_layout(x), weight, bias if with_bias else None,
-                        residual, kernel)
-        assert_rel_close(from_kernel_layout(y, dims), ref, tol(dtype, "conv"), f"y {LAYOUTS[seed]}")
+        conv = conv_reference(x64, weight, bias)
+        y = run_forward(emu, dtype, to_kernel_layout(x), weight, bias, residual, kernel)
+        assert_rel_close(from_kernel_layout(y, dims), conv + x64 if residual else conv,
+                         tol(dtype, "conv"), f"y {layout}")
 
         grad_y = torch.randn(x.shape, dtype=torch.float64).to(dtype)
-        (grad_x_ref,) = torch.autograd.grad(ref - (x64 if residual else 0), x64, grad_y.double())
+        (grad_x_ref,) = torch.autograd.grad(conv, x64, grad_y.double())
         flipped = weight.flip(list(range(2, dims)))
         grad_x = run_forward(emu, dtype, to_kernel_layout(grad_y), flipped, None, False, kernel)
         assert_rel_close(from_kernel_layout(grad_x, dims), grad_x_ref, tol(dtype, "conv"),
-                         f"grad_x {LAYOUTS[seed]}")
+                         f"grad_x {layout}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("spatial,kernel", CASES, ids=CASE_IDS)
 def test_depthwise_weight_gradient(emu, spatial, kernel, dtype):
     """grad_weight and grad_bias, deterministic and atomic, against float64 autograd."""
-    for seed, (batch, channels) in enumerate(LAYOUTS):
+    for seed, (batch, channels, _, _) in enumerate(LAYOUTS):
         x, weight, bias = make_inputs(batch, channels, spatial, kernel, dtype, seed)
         grad_y = torch.randn(x.shape, dtype=torch.float64).to(dtype)
-        w64, b64 = weight.requires_grad_(), bias.requires_grad_()
+        w64, b64 = weight.detach().requires_grad_(), bias.detach().requires_grad_()
         grad_w_ref, grad_b_ref = torch.autograd.grad(conv_reference(x.double(), w64, b64),
                                                      (w64, b64), grad_y.double())
         for deterministic in (True, False):
             grad_w, grad_b = run_backward_weight(emu, dtype, to_kernel_layout(grad_y),
                                                  to_kernel_layout(x), kernel, deterministic)
-            what = f"{LAYOUTS[seed]} {'deterministic' if deterministic else 'atomic'}"
+            what = f"{(batch, channels)} {'deterministic' if deterministic else 'atomic'}"
             assert_rel_close(weight_grad_to_torch_layout(grad_w, x.dim()), grad_w_ref,
                              tol(dtype, "conv"), f"grad_weight {what}")
             assert_rel_close(grad_b, grad_b_ref, tol(dtype, "conv"), f"grad_bias {what}")
@@ -585,13 +593,13 @@ def test_64_bit_index_path(emu, dtype):
     instantiation on small shapes and still matches float64."""
     emu.set_force_int64_index(1)
     for spatial, kernel in (((9, 13), (3, 3)), ((3, 7, 9), (3, 3, 3))):
-        for seed, (batch, channels) in enumerate(LAYOUTS[:2]):
+        for seed, (batch, channels, _, _) in enumerate(LAYOUTS[:2]):
             x, weight, bias = make_inputs(batch, channels, spatial, kernel, dtype, seed)
             y = run_forward(emu, dtype, to_kernel_layout(x), weight, bias, True, kernel)
             ref = conv_reference(x.double(), weight, bias) + x.double()
             assert_rel_close(from_kernel_layout(y, x.dim()), ref, tol(dtype, "conv"), "y")
             grad_y = torch.randn(x.shape, dtype=torch.float64).to(dtype)
-            w64, b64 = weight.requires_grad_(), bias.requires_grad_()
+            w64, b64 = weight.detach().requires_grad_(), bias.detach().requires_grad_()
             refs = torch.autograd.grad(conv_reference(x.double(), w64, b64), (w64, b64),
                                        grad_y.double())
             for deterministic in (True, False):
@@ -636,23 +644,14 @@ def test_misaligned_buffers_take_the_scalar_path(emu, dtype):
     x, weight, bias = make_inputs(batch, channels, spatial, kernel, dtype, seed=0)
     x_kernel = to_kernel_layout(x)
     ref = conv_reference(x.double(), weight, bias)
-    # forward: which buffers are off, and the vector width the launch must pick
-    for misaligned, expect_vec in (((), vec), (("x",), 1), (("y",), 1), (("weight",), 1),
-                                   (("bias",), 1)):
+    # forward: each buffer off in turn
+    for misaligned in ((), ("x",), ("y",), ("weight",), ("bias",)):
         emu.clear_launch_log()
-        acc = accum_dtype(dtype)
-        bufs = {"x": Guarded(x_kernel, "x" in misaligned),
-                "weight": Guarded(weight_to_kernel_layout(weight).to(acc), "weight" in misaligned),
-                "bias": Guarded(bias.to(acc), "bias" in misaligned),
-                "y": Guarded.poisoned(x_kernel.shape, dtype, "y" in misaligned)}
-        sizes, k = shape_args(x_kernel, kernel)
-        emu.check(emu.depthwise_conv_forward(DTYPE_CODES[dtype], bufs["x"].ptr, bufs["weight"].ptr,
-                                             bufs["bias"].ptr, False, bufs["y"].ptr, sizes, k),
-                  f"forward, {misaligned} misaligned")
-        bufs["y"].check_guards("y")
-        assert_rel_close(from_kernel_layout(bufs["y"].view, 4), ref, tol(dtype, "conv"),
+        y = run_forward(emu, dtype, x_kernel, weight, bias, False, kernel, misaligned)
+        assert_rel_close(from_kernel_layout(y, 4), ref, tol(dtype, "conv"),
                          f"y, {misaligned} misaligned")
         (record,) = emu.launches()
+        expect_vec = 1 if misaligned else vec
         assert record.startswith(f"grid=({forward_blocks(x_kernel, expect_vec)},1,1)"), record
     # pos_embed_norm (LayerNorm): each buffer off in turn
     for misaligned in ((), *((name,) for name in POS_EMBED_BUFFERS)):
