@@ -95,7 +95,7 @@ cudaError_t launch_forward(const T* x, const Accum<T>* weight, const Accum<T>* b
   const int64_t blocks = ceil_div(items, kForwardThreads);
   if (blocks > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidValue;
   depthwise_conv_forward_kernel<Size, VEC, T, IndexT>
-      <<<static_cast<unsigned>(blocks), kForwardThreads, 0, stream>>>(
+      UK_LAUNCH(static_cast<unsigned>(blocks), kForwardThreads, 0, stream)(
           x, weight, bias, residual, y, detail::make_geometry<IndexT>(shape), items);
   return cudaGetLastError();
 }
@@ -332,7 +332,8 @@ cudaError_t launch_backward_weight(const T* grad_y, const T* x, Accum<T>* grad_w
   auto launch = [&](auto size, auto index) {
     using Size = decltype(size);
     using IndexT = decltype(index);
-    depthwise_conv_backward_weight_kernel<Size::kh, Size::kw, T, IndexT><<<grid, block, 0, stream>>>(
+    depthwise_conv_backward_weight_kernel<Size::kh, Size::kw, T, IndexT> UK_LAUNCH(
+        grid, block, 0, stream)(
         grad_y, x, detail::make_geometry<IndexT>(shape), static_cast<int>(plan.segment_width),
         static_cast<int>(plan.segments_per_row), static_cast<IndexT>(plan.segments_per_chunk),
         grad_w, grad_b, partials);
@@ -349,9 +350,9 @@ cudaError_t launch_backward_weight(const T* grad_y, const T* x, Accum<T>* grad_w
   const int64_t weight_elems =
       static_cast<int64_t>(shape.kernel_d) * shape.kernel_h * shape.kernel_w * shape.channels;
   const int64_t elems_per_chunk = weight_elems + shape.channels;
-  sum_chunk_partials_kernel<<<static_cast<unsigned>(ceil_div(elems_per_chunk, kBwdChannels)), block,
-                              0, stream>>>(partials, plan.chunks, elems_per_chunk, weight_elems,
-                                           grad_w, grad_b);
+  sum_chunk_partials_kernel<Accum<T>> UK_LAUNCH(
+      static_cast<unsigned>(ceil_div(elems_per_chunk, kBwdChannels)), block, 0, stream)(
+      partials, plan.chunks, elems_per_chunk, weight_elems, grad_w, grad_b);
   return cudaGetLastError();
 }
 

@@ -12,6 +12,16 @@
 
 #include "depthwise_conv.h"
 
+// `kernel UK_LAUNCH(grid, block, shared_bytes, stream)(args...)` is the <<<...>>> launch, and
+// UK_DYNAMIC_SHARED declares the extern __shared__ array. The host emulation of these sources
+// (csrc/cuda_emulation, for tests without a GPU) defines both before this point.
+#ifndef UK_LAUNCH
+#define UK_LAUNCH(...) <<<__VA_ARGS__>>>
+#endif
+#ifndef UK_DYNAMIC_SHARED
+#define UK_DYNAMIC_SHARED(type, name, alignment) extern __shared__ __align__(alignment) type name[]
+#endif
+
 namespace uniformer_kernels::cuda::detail {
 
 // ---- types ---------------------------------------------------------------------------------------
@@ -200,6 +210,9 @@ inline int64_t numel(const ConvShape& s) {
 // int32 offsets are cheaper (fewer registers, 32-bit multiplies) and suffice unless an offset
 // into the activations can pass 2^31 - 1.
 inline bool needs_int64_index(const ConvShape& s) {
+#ifdef UK_TEST_FORCE_INT64_INDEX  // host emulation tests: the 64-bit path on small shapes
+  if (UK_TEST_FORCE_INT64_INDEX) return true;
+#endif
   return numel(s) > std::numeric_limits<int32_t>::max();
 }
 

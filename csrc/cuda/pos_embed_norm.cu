@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp)
                           int64_t groups) {
   using A = Accum<T>;
   constexpr int TW = kTileW;
-  extern __shared__ __align__(16) unsigned char pos_embed_shared[];
+  UK_DYNAMIC_SHARED(unsigned char, pos_embed_shared, 16);
 
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
@@ -233,8 +233,8 @@ cudaError_t launch(const PosEmbedArgs& a, const ConvShape& shape, cudaStream_t s
   const int64_t groups_per_block = static_cast<int64_t>(warps) * (kWarp / group_lanes);
   const int64_t blocks = ceil_div(groups, groups_per_block);
   if (blocks > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidValue;
-  kernel<<<static_cast<unsigned>(blocks), warps * kWarp, static_cast<size_t>(shared_bytes),
-           stream>>>(
+  kernel UK_LAUNCH(static_cast<unsigned>(blocks), warps * kWarp, static_cast<size_t>(shared_bytes),
+                   stream)(
       static_cast<const T*>(a.x), static_cast<const A*>(a.weight), static_cast<const A*>(a.bias),
       static_cast<const A*>(a.norm_weight), static_cast<const A*>(a.norm_bias), a.layer_norm,
       static_cast<A>(a.eps), static_cast<T*>(a.y), static_cast<T*>(a.z), static_cast<A*>(a.mean), static_cast<A*>(a.rstd),
