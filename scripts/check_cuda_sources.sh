@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compile-check every csrc/cuda/*.cu with nvcc for sm_80 and sm_90, warnings as errors. The kernels
 # are plain CUDA C++ (no torch headers), so this runs on any machine with nvcc, GPU or not; the
-# binding files (csrc/cuda/*.cpp) need a CUDA torch and are compiled by setup.py instead.
+# binding files (csrc/cuda/*.cpp) need a CUDA torch: scripts/ci_cuda_build.sh builds the whole
+# extension as setup.py does. This check stays as the quick one (seconds, no torch needed).
 #   NVCC  the compiler (default: nvcc on PATH)
 set -euo pipefail
 

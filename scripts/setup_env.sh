@@ -118,10 +118,17 @@ else
         tail -n 60 "$build_log" >&2
         die "build failed; full log: $build_log"
     fi
+    # setup.py tags its lines, the CPU-only fallback's warning included.
     grep -h '^ *\[uniformer_kernels\]' "$build_log" | sed 's/^ */[setup] /' || true
     rm -f "$build_log"
     installed_here || die "uniformer_kernels built but its extension does not load; run: $py -m uniformer_kernels"
     echo "$build_key" >"$stamp"
 fi
 
+# On a GPU machine, an extension without CUDA kernels (a failed CUDA compile falls back to the CPU
+# build with a warning that is easy to miss in a long log) is said again, last.
+if [[ $want_cuda == 1 ]]; then
+    missing=$(cd / && "$py" -c 'from uniformer_kernels import _extension as e; print("" if e.WITH_CUDA else e.CUDA_MISSING_REASON)')
+    [[ -z $missing ]] || log "WARNING: uniformer_kernels._C has no CUDA kernels on this GPU machine: $missing"
+fi
 log "done in $((SECONDS - start)) s; environment: $py -m uniformer_kernels"

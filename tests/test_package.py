@@ -7,11 +7,15 @@ import subprocess
 import sys
 import threading
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import uniformer_kernels as uk
-from uniformer_kernels import _extension, backends
+from uniformer_kernels import _extension, _torch_floor, backends
+
+ROOT = Path(__file__).resolve().parents[1]
 
 ENV = backends.ENV_VAR
 INFO_KEYS = {
@@ -19,8 +23,8 @@ INFO_KEYS = {
     "device_name", "cpu_capability", "torch_threads", "extension", "extension_missing",
     "forced_backend", "forced_backend_error", "backends",
 }
-BUILD_INFO_KEYS = {"with_cuda", "cuda_archs", "openmp", "omp_max_threads", "compile_time_simd",
-                   "compiler", "built_against_torch", "cpu_kernel_isa"}
+BUILD_INFO_KEYS = {"with_cuda", "cuda_archs", "cuda_missing_reason", "openmp", "omp_max_threads",
+                   "compile_time_simd", "compiler", "built_against_torch", "cpu_kernel_isa"}
 
 
 def triton_installed():
@@ -259,12 +263,24 @@ def test_build_info_reports_this_build(build_info):
     assert isinstance(build_info["openmp"], bool)
     if torch.version.cuda is None:
         assert build_info["with_cuda"] is False
+        assert "CPU-only build" in build_info["cuda_missing_reason"]
     if not build_info["with_cuda"]:
         assert build_info["cuda_archs"] == ""
+        assert build_info["cuda_missing_reason"]
     else:
         assert build_info["cuda_archs"]
+        assert build_info["cuda_missing_reason"] == ""
     if sys.platform.startswith("linux"):
         assert build_info["openmp"], "gcc/clang on Linux support -fopenmp: setup.py lost the flag"
+
+
+def test_cuda_backend_says_why_the_extension_has_no_cuda_kernels(monkeypatch):
+    if not _extension.loaded():
+        pytest.fail(f"the compiled extension is part of the package: {_extension.load_error()}")
+    monkeypatch.setattr(_extension, "WITH_CUDA", False)
+    monkeypatch.setattr(_extension, "CUDA_MISSING_REASON", "the CUDA kernels failed to compile (x)")
+    ok, reason = backends._cuda_status(torch.device("cuda"))
+    assert not ok and "failed to compile (x)" in reason and "FORCE_CUDA=1" in reason
 
 
 def test_build_info_threads_follow_torch_set_num_threads(build_info):
@@ -318,3 +334,60 @@ def test_forcing_cpu_without_extension_names_the_build_command():
         "    print(exc)\n")
     out = run_python(code, {ENV: "cpu"})
     assert "forced by environment variable" in out and "pip install --no-build-isolation -e ." in out
+
+
+# --- the torch floor -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version,too_old", [
+    ("2.10.1", True), ("2.9.0+cu128", True), ("1.13.1", True), ("2.10.0.dev20251201", True),
+    ("2.11.0", False), ("2.11.0+cu130", False), ("2.12.0.dev20260101", False), ("3.0.0", False),
+])
+def test_torch_floor_reads_release_versions(version, too_old):
+    problem = _torch_floor.problem(version)
+    assert (problem is not None) == too_old
+    if too_old:
+        assert "torch >= 2.11" in problem and version in problem and "pip install" in problem
+
+
+def test_torch_floor_rejects_unreadable_versions():
+    with pytest.raises(ValueError, match="'unknown'"):
+        _torch_floor.problem("unknown")
+
+
+def test_this_torch_meets_the_floor():
+    assert _torch_floor.problem(torch.__version__) is None
+
+
+# torch.__version__ replaced before uniformer_kernels (or setup.py) reads it.
+WITH_TORCH_VERSION = "import runpy, sys, torch\ntorch.__version__ = {version!r}\n"
+
+
+@pytest.mark.parametrize("version", ["2.10.2", "2.11.0"])
+def test_import_refuses_an_older_torch(version):
+    code = WITH_TORCH_VERSION.format(version=version) + (
+        "try:\n"
+        "    import uniformer_kernels\n"
+        "except ImportError as exc:\n"
+        "    print('ImportError:', exc)\n"
+        "else:\n"
+        "    print('imported')\n")
+    out = run_python(code)
+    if version == "2.10.2":
+        assert out.startswith("ImportError: uniformer_kernels needs torch >= 2.11, found torch 2.10.2")
+    else:
+        assert out == "imported\n"
+
+
+@pytest.mark.parametrize("version", ["2.10.2", "2.11.0"])
+def test_setup_refuses_an_older_torch(version):
+    code = WITH_TORCH_VERSION.format(version=version) + (
+        "sys.argv = ['setup.py', '--name']\n"
+        "runpy.run_path('setup.py', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    if version == "2.10.2":
+        assert proc.returncode != 0
+        assert "error: uniformer_kernels needs torch >= 2.11, found torch 2.10.2" in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip().splitlines()[-1] == "uniformer-kernels"

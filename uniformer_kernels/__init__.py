@@ -14,6 +14,13 @@ import platform
 
 import torch
 
+from . import _torch_floor
+
+# Checked before anything loads the compiled extension, which an older torch could not load.
+_torch_too_old = _torch_floor.problem(torch.__version__)
+if _torch_too_old:
+    raise ImportError(_torch_too_old)
+
 from . import _extension, backends, nn, ops
 from .backends import available_backends, backend, current_backend
 from .convert import accelerate

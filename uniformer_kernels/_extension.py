@@ -46,5 +46,6 @@ def build_info() -> dict | None:
 _FACTS = build_info() or {}
 WITH_CUDA: bool = bool(_FACTS.get("with_cuda", False))
 CUDA_ARCHS: str = _FACTS.get("cuda_archs", "")
+CUDA_MISSING_REASON: str = _FACTS.get("cuda_missing_reason", "")
 # Whether torch links the BLAS gemm that the C++ CPU attention kernel calls.
 CPU_ATTENTION: bool = _C is not None and _C.cpu_attention_available()

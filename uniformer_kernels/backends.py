@@ -109,9 +109,9 @@ def _cuda_status(device: torch.device) -> tuple[bool, str]:
     if not _extension.loaded():
         return False, _extension.load_error()
     if not _extension.WITH_CUDA:
-        return False, ("uniformer_kernels._C was built without CUDA kernels (CPU-only torch, no nvcc "
-                       "or no CUDA sources at build time); rebuild with a CUDA torch and nvcc on PATH "
-                       "(FORCE_CUDA=1 makes that build fail loudly if it cannot)")
+        return False, (f"uniformer_kernels._C was built without CUDA kernels: "
+                       f"{_extension.CUDA_MISSING_REASON}; FORCE_CUDA=1 makes a rebuild stop "
+                       "with the cause instead")
     if not torch.cuda.is_available():
         return False, "uniformer_kernels._C has CUDA kernels but no CUDA device is available"
     return True, f"extension loaded, built for sm {_extension.CUDA_ARCHS}; kernels registered per op"
