@@ -7,14 +7,14 @@
 #              test (pytest tests), compute-sanitizer memcheck over the CUDA tests on small shapes
 #   phase 2    op benchmarks (depthwise, attention) and uk.accelerate end to end, bf16 then fp32
 #              (rebuilds first unless phase 1's build of the same sources is there)
-#   all        both, in one call (the default)
+#   all        both, in one call (the default); the sanitizer then runs last, on what is left
 #   --dry-run  the same plan on this CPU: no CUDA build (the interpreter's own build is checked),
 #              test collection plus one small file, the sanitizer's test selection collected, the
 #              benches on tiny shapes and budgets with --device cpu. Says so in every output.
 #
 # Uses that machine's python3 (PYTHON overrides; torch and Triton preinstalled, no network:
 # pip --no-index --no-deps --no-build-isolation). Every step runs under `timeout` within the
-# budget (default: phase 1 300 s, phase 2 420 s, all 540 s, dry run 330 s) and its status
+# budget (default: phase 1 300 s, phase 2 400 s, all 540 s, dry run 330 s) and its status
 # (PASS / FAIL / TIMEOUT / SKIP, or PARTIAL for a bench or the sanitizer cut short by its share of
 # the budget) goes to summary.txt; a failed step never stops the next. Bench
 # results are written after every case, so a step cut short keeps its rows. Exit status: 0 when
@@ -58,8 +58,8 @@ OUT_DIR=${OUT_DIR:-${OUT:-}}
 [ -n "$OUT_DIR" ] || usage
 if [ -z "$TOTAL_S" ]; then
     if [ "$DRY" = 1 ]; then TOTAL_S=330
-    # 300 + 420 s, a machine start (1-2 min) and the transfers fit the 15 minutes of device time
-    else case $PHASE in 1) TOTAL_S=300 ;; 2) TOTAL_S=420 ;; all) TOTAL_S=540 ;; esac
+    # 300 + 400 s, a machine start (1-2 min) and the transfers fit the 15 minutes of device time
+    else case $PHASE in 1) TOTAL_S=300 ;; 2) TOTAL_S=400 ;; all) TOTAL_S=540 ;; esac
     fi
 fi
 case $TOTAL_S in ''|*[!0-9]*) echo "--budget: whole seconds, not '$TOTAL_S'" >&2; exit 2 ;; esac
@@ -239,11 +239,25 @@ build_and_report() {
 # ---- phase 1: tests and compute-sanitizer --------------------------------------------------------
 SAN_TESTS=${UK_SANITIZER_TESTS:-tests/test_depthwise_cuda.py}
 SAN_K=${UK_SANITIZER_K:-not uniformer_shapes and not 2_to_the_31}
-phase1() {
+run_tests() {
     local common=(-p no:cacheprovider -rfEs)
     if [ "$DRY" = 1 ]; then
         step "pytest tests (collect all)" 120 0 "$TESTS_TXT" "$PY" -m pytest tests --co -q "${common[@]}"
         step "pytest tests (dry subset)" 120 0 "$TESTS_TXT" "$PY" -m pytest tests/test_gpu_report.py -q "${common[@]}"
+        return
+    fi
+    local par=() tmo=()
+    [ "$XDIST" = 1 ] && par=(-n "${UK_TEST_WORKERS:-8}")
+    [ "$PTIMEOUT" = 1 ] && tmo=(--timeout 240)
+    # -v: a cut-off run still lists what passed. With the benches to follow (phase all), at most 4
+    # minutes; alone (phase 1), all but the last minute.
+    local cap=420
+    [ "$RUN_P2" = 1 ] && cap=240
+    step "pytest tests" "$cap" 60 "$TESTS_TXT" "$PY" -m pytest tests -v --durations 15 "${par[@]}" "${tmo[@]}" "${common[@]}"
+}
+
+run_sanitizer() {
+    if [ "$DRY" = 1 ]; then
         # the sanitizer's selection must still name tests (it rots when tests are renamed)
         step "sanitizer selection (collect)" 60 0 "$TESTS_TXT" bash -c \
             'out=$("$0" -m pytest "$1" -k "$2" --co -q -p no:cacheprovider 2>&1); echo "$out"
@@ -252,22 +266,23 @@ phase1() {
         skip "compute-sanitizer memcheck" "dry run: needs a GPU (${SANITIZER:-compute-sanitizer not found here})"
         return
     fi
-    local par=() tmo=()
-    [ "$XDIST" = 1 ] && par=(-n "${UK_TEST_WORKERS:-8}")
-    [ "$PTIMEOUT" = 1 ] && tmo=(--timeout 240)
-    # Leave 60 s for the sanitizer and the summary; -v: a cut-off run still lists what passed.
-    step "pytest tests" 420 60 "$TESTS_TXT" "$PY" -m pytest tests -v --durations 15 "${par[@]}" "${tmo[@]}" "${common[@]}"
     if [ -z "$SANITIZER" ]; then
         record "compute-sanitizer memcheck" FAIL 0 "compute-sanitizer not found (PATH, CUDA_HOME, /usr/local, /opt)"
         return
     fi
-    # No caching allocator: each tensor its own cudaMalloc, so memcheck sees out-of-bounds accesses
-    # that would otherwise land inside a neighbouring block of the cache.
-    # "If time allows": cut short, it is PARTIAL (not a pass, not a failure); an error it found
-    # before the cut still fails it (exit code 99).
-    UK_STEP_MAY_BE_CUT=1 step "compute-sanitizer memcheck" 240 15 "$TESTS_TXT" \
+    local tmo=() log="$WORK/sanitizer.txt"
+    [ "$PTIMEOUT" = 1 ] && tmo=(--timeout 240)
+    # "If time allows": cut short, it is PARTIAL (neither a pass nor a failure). No caching
+    # allocator: each tensor its own cudaMalloc, so an out-of-bounds access cannot land unseen in a
+    # neighbouring block of the cache.
+    UK_STEP_MAY_BE_CUT=1 step "compute-sanitizer memcheck" 240 15 "$log" \
         env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 99 --print-limit 50 \
-        "$PY" -m pytest "$SAN_TESTS" -k "$SAN_K" -q "${tmo[@]}" "${common[@]}"
+        "$PY" -m pytest "$SAN_TESTS" -k "$SAN_K" -q "${tmo[@]}" -p no:cacheprovider -rfEs
+    cat "$log" >>"$TESTS_TXT" 2>/dev/null
+    # an error found before a cut still fails the run
+    if grep -qE "^========= (Invalid|Program hit|Uninitialized|Race|Barrier)|ERROR SUMMARY: [1-9]" "$log" 2>/dev/null; then
+        record "compute-sanitizer errors found" FAIL 0 "memcheck reported errors: see tests.txt"
+    fi
 }
 
 # ---- phase 2: benches ----------------------------------------------------------------------------
@@ -288,10 +303,53 @@ bench() {
     pack
 }
 
+# plan_bench NAME CAP FILE args...: the dry run notes a GPU bench invocation (one argument a line,
+# a blank line after each) for collect_gpu_plan.
+plan_bench() {
+    shift 2
+    printf '%s\n' "bench/$1" "${@:2}" "" >>"$WORK/gpu_plan"
+}
+
+# The dry run's check of the GPU plan: pytest collects every GPU bench invocation with --device
+# cuda (case names, impls and options must still exist), in one process; runs nothing.
+collect_gpu_plan() {
+    : >"$WORK/gpu_plan"
+    gpu_benches plan_bench
+    step "collect the GPU bench plan" 120 0 "$BENCH_TXT" "$PY" -c "
+import sys, pytest
+plan = open(sys.argv[1]).read().split('\n\n')
+bad = 0
+for args in (p.split('\n') for p in plan if p.strip()):
+    print('pytest', *args, '--co --device cuda', flush=True)
+    rc = pytest.main([*args, '--co', '-q', '-p', 'no:cacheprovider', '--device', 'cuda'])
+    bad += rc != 0
+sys.exit(1 if bad else 0)" "$WORK/gpu_plan"
+}
+
+# The GPU run's benches, in priority order (the issue's targets first in each); $1 runs each.
+gpu_benches() {
+    local run=$1 B=${UK_OP_BATCH:-32} AB=${UK_ATTN_BATCH:-64} dw attn
+    dw="target_2d,target_3d,S-224:CBlock:local:${B}x64x56x56,S-224:CBlock:pos_embed:${B}x64x56x56"
+    dw+=",video-S-8x224:CBlock:local:${B}x64x4x56x56,pe_norm:batchnorm:${B}x64x56x56,pe_norm:layernorm:${B}x320x14x14"
+    dw+=",S-224:SABlock:pos_embed:${B}x320x14x14,dense-XXS-512:CBlock:local:${B}x56x128x128"
+    attn="S-224-global-N196,XXS-224-global_cls-N197,video-S-split-8x224-temporal-T4-HW196-C320"
+    attn+=",video-S-split-8x224-spatial-T4-HW196-C320,dense-S-hybrid-512-window14-32x32,S-224-global-N49"
+    # 0.2 s of timed rounds per op case (do_bench, L2 flushed between rounds); peaks 0.5 s each
+    local gpu=(--peaks-budget 0.5) fp32=(--peaks-budget 0.5 --dtype fp32 --modes fwd+bwd,fwd)
+    $run "bench depthwise bf16" 75 bench_depthwise.py "${gpu[@]}" --budget 0.2 --dtype bf16 --batch "$B" --models "$dw"
+    $run "bench attention bf16" 75 bench_attention.py "${gpu[@]}" --budget 0.2 --dtype bf16 --batch "$AB" --models "$attn"
+    $run "bench accelerate bf16" 120 bench_accelerate.py "${gpu[@]}" --dtype bf16 --models uniformer_small-bs64 \
+        --modes fwd+bwd,fwd --impls eager,ours,compile
+    $run "bench depthwise fp32" 25 bench_depthwise.py "${fp32[@]}" --budget 0.2 --batch "$B" --models target_2d,target_3d
+    $run "bench attention fp32" 25 bench_attention.py "${fp32[@]}" --budget 0.2 --batch "$AB" \
+        --models S-224-global-N196,XXS-224-global_cls-N197
+    $run "bench accelerate fp32" 100000 bench_accelerate.py "${fp32[@]}" --models uniformer_small-bs64 \
+        --impls eager,ours,compile
+}
+
 phase2() {
     mkdir -p "$SCRATCH"
-    local B=${UK_OP_BATCH:-32} AB=${UK_ATTN_BATCH:-64}
-    local dw attn acc dev=() fp32=()
+    local dw attn acc dev=()
     if [ "$DRY" = 1 ]; then
         dev=(--device cpu --quick --budget 0.05 --peaks-budget 0.1 -p no:benchmark)
         dw="target_2d"
@@ -309,25 +367,9 @@ phase2() {
             --impls eager,sdpa_math,ours_cpu
         bench "bench accelerate fp32" 90 bench_accelerate.py "${dev[@]}" --dtype fp32 --img-size 64 --models "$acc" \
             --modes fwd+bwd --impls eager,ours
+        collect_gpu_plan
     else
-        # Priority order: the issue's targets first in each bench; results are kept per case.
-        dw="target_2d,target_3d,S-224:CBlock:local:${B}x64x56x56,S-224:CBlock:pos_embed:${B}x64x56x56"
-        dw+=",video-S-8x224:CBlock:local:${B}x64x4x56x56,pe_norm:batchnorm:${B}x64x56x56,pe_norm:layernorm:${B}x320x14x14"
-        dw+=",S-224:SABlock:pos_embed:${B}x320x14x14,dense-XXS-512:CBlock:local:${B}x56x128x128"
-        attn="S-224-global-N196,XXS-224-global_cls-N197,video-S-split-8x224-temporal-T4-HW196-C320"
-        attn+=",video-S-split-8x224-spatial-T4-HW196-C320,dense-S-hybrid-512-window14-32x32,S-224-global-N49"
-        # 0.2 s of timed rounds per op case (do_bench, L2 flushed between rounds); peaks 0.5 s each
-        local gpu=(--peaks-budget 0.5)
-        bench "bench depthwise bf16" 75 bench_depthwise.py "${gpu[@]}" --budget 0.2 --dtype bf16 --batch "$B" --models "$dw"
-        bench "bench attention bf16" 75 bench_attention.py "${gpu[@]}" --budget 0.2 --dtype bf16 --batch "$AB" --models "$attn"
-        bench "bench accelerate bf16" 120 bench_accelerate.py "${gpu[@]}" --dtype bf16 --models uniformer_small-bs64 \
-            --modes fwd+bwd,fwd --impls eager,ours,compile
-        fp32=("${gpu[@]}" --dtype fp32 --modes fwd+bwd,fwd)
-        bench "bench depthwise fp32" 25 bench_depthwise.py "${fp32[@]}" --budget 0.2 --batch "$B" --models target_2d,target_3d
-        bench "bench attention fp32" 25 bench_attention.py "${fp32[@]}" --budget 0.2 --batch "$AB" \
-            --models S-224-global-N196,XXS-224-global_cls-N197
-        bench "bench accelerate fp32" 100000 bench_accelerate.py "${fp32[@]}" --models uniformer_small-bs64 \
-            --impls eager,ours,compile
+        gpu_benches bench
     fi
     local t0=$SECONDS
     if pack --png; then record "pack results (+ plots.png)" PASS $((SECONDS - t0)) ""
@@ -335,9 +377,13 @@ phase2() {
 }
 
 # ---- the plan ------------------------------------------------------------------------------------
+# The sanitizer runs only on what time is left: after the tests in phase 1, after the benches in
+# phase all.
 build_and_report
-[ "$RUN_P1" = 1 ] && phase1
+[ "$RUN_P1" = 1 ] && run_tests
+[ "$PHASE" = 1 ] && run_sanitizer
 [ "$RUN_P2" = 1 ] && phase2
+[ "$PHASE" = all ] && run_sanitizer
 
 # ---- summary: last on stdout, compact --------------------------------------------------------------
 summarize_tests() {
