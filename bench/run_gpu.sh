@@ -14,7 +14,7 @@
 #
 # Uses that machine's python3 (PYTHON overrides; torch and Triton preinstalled, no network:
 # pip --no-index --no-deps --no-build-isolation). Every step runs under `timeout` within the
-# budget (default: phase 1 300 s, phase 2 400 s, all 540 s, dry run 330 s) and its status
+# budget (default: phase 1 300 s, phase 2 400 s, all 540 s, dry run 340 s) and its status
 # (PASS / FAIL / TIMEOUT / SKIP, or PARTIAL for a bench or the sanitizer cut short by its share of
 # the budget) goes to summary.txt; a failed step never stops the next. Bench
 # results are written after every case, so a step cut short keeps its rows. Exit status: 0 when
@@ -57,7 +57,7 @@ case $PHASE in 1|2|all) ;; *) echo "--phase: 1, 2 or all, not '$PHASE'" >&2; exi
 OUT_DIR=${OUT_DIR:-${OUT:-}}
 [ -n "$OUT_DIR" ] || usage
 if [ -z "$TOTAL_S" ]; then
-    if [ "$DRY" = 1 ]; then TOTAL_S=330
+    if [ "$DRY" = 1 ]; then TOTAL_S=340
     # 300 + 400 s, a machine start (1-2 min) and the transfers fit the 15 minutes of device time
     else case $PHASE in 1) TOTAL_S=300 ;; 2) TOTAL_S=400 ;; all) TOTAL_S=540 ;; esac
     fi
@@ -390,11 +390,11 @@ summarize_tests() {
     [ -s "$TESTS_TXT" ] || return 0
     echo
     echo "== tests (tests.txt)"
-    grep -E "^=+ .*(passed|failed|error|skipped|no tests ran|deselected|collected).* =+$|^[0-9]+ tests? collected|^[0-9]+ passed" "$TESTS_TXT" | tail -n 4
+    grep -E "^=+ .*(passed|failed|error|skipped|no tests ran|deselected|collected).* =+$|^[0-9/]+ tests? collected|^[0-9]+ (passed|failed|errors?|skipped|deselected)" "$TESTS_TXT" | tail -n 4
     grep -E "^(FAILED|ERROR) " "$TESTS_TXT" | sort -u | head -n 15
     # skip reasons, grouped (-rs): on a GPU, a skipped GPU test is a finding
-    grep -E "^SKIPPED \[" "$TESTS_TXT" | sed -E 's/^SKIPPED \[([0-9]+)\] [^:]+:[0-9]+: /\1x /' | sort | uniq -c \
-        | sort -rn | head -n 8 | cut -c1-160
+    grep -E "^SKIPPED \[" "$TESTS_TXT" | sed -E 's/^SKIPPED \[([0-9]+)\] ([^:]+):[0-9]+: /\1 \2: /' \
+        | sort -rn | head -n 8 | sed -E 's/^([0-9]+) /skipped \1x /' | cut -c1-160
     grep -E "ERROR SUMMARY" "$TESTS_TXT" | sed 's/^/sanitizer: /' | sort | uniq -c | head -n 3
 }
 # Benches first and the step table last: the device tool keeps only the output's last 12,000
