@@ -237,7 +237,7 @@ def test_attention(bench_case, meter):
     try:
         fn, compile_s = _callable(case, impl, mode, meter.device, meter.dtype)
         meter.measure(fn, case=case["name"], mode=mode, impl=impl, shape=shape, flops=flops,
-                      nbytes=nbytes, compile_s=compile_s, cuda_graph=True)
+                      nbytes=nbytes, compile_s=compile_s, cuda_graph=meter.settings.cuda_graphs)
     except Exception as exc:
         error = traceback.format_exc()
         meter.fail(error, case=case["name"], mode=mode, impl=impl, shape=shape,

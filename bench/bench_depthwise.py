@@ -194,7 +194,8 @@ def test_depthwise(bench_case, meter):
             compile_s = time.perf_counter() - start + harness.timed_call(fn, meter.device)
         flops, nbytes = _cost(bench_case, mode, x.element_size())
         meter.measure(fn, case=case, mode=mode, impl=impl, shape=shape, flops=flops, nbytes=nbytes,
-                      batch=bench_case["shape"][0], compile_s=compile_s)
+                      batch=bench_case["shape"][0], compile_s=compile_s,
+                      cuda_graph=s.cuda_graphs)
     except Exception:
         error = traceback.format_exc()
         meter.fail(error, case=case, mode=mode, impl=impl, shape=shape,

@@ -43,6 +43,12 @@ def pytest_addoption(parser):
                      "bench_models: eager, compile; op benches add theirs, e.g. ours)")
     g.addoption("--budget", type=float, default=None,
                 help="seconds of timed rounds per case (default: CPU 3, GPU 0.5; --quick 0.3)")
+    g.addoption("--peaks-budget", type=float, default=None,
+                help="seconds of timed rounds for each measured peak, GEMM and copy (default 2; "
+                     "--quick 0.5)")
+    g.addoption("--cuda-graphs", action="store_true",
+                help="CUDA: time op benches by CUDA-graph replay (no launch gaps, but no L2 flush: "
+                     "inputs that fit in L2 are timed from cache); default: do_bench, L2 flushed")
     g.addoption("--threads", type=int, default=None,
                 help="torch.set_num_threads for CPU runs (default: torch's choice); part of the "
                      "results folder name, cpu-<model>-<N>t")
@@ -71,6 +77,8 @@ class Settings:
     threads: int | None
     quick: bool
     results_dir: str
+    peaks_budget_s: float = 2.0
+    cuda_graphs: bool = False
     warmup: int = 2
     min_rounds: int = 3
 
@@ -127,6 +135,8 @@ def _make_settings(config) -> Settings:
         threads=opt("--threads"),
         quick=quick,
         results_dir=results_dir,
+        peaks_budget_s=opt("--peaks-budget") or (0.5 if quick else 2.0),
+        cuda_graphs=bool(opt("--cuda-graphs")),
         warmup=1 if quick else 2,
         min_rounds=2 if quick else 3,
     )
@@ -153,7 +163,7 @@ class _Session:
                      f"process is using the CPU, and the timings will not be trustworthy")
             _say(f"measuring {s.device} peaks (GEMM, copy) ...")
             self._peaks = harness.measure_peaks(s.device, s.torch_dtype,
-                                                budget_s=0.5 if s.quick else 2.0)
+                                                budget_s=s.peaks_budget_s)
             _say(f"peaks: {self._peaks['gemm_gflops']:.0f} GFLOP/s ({self._peaks['gemm_dtype']} "
                  f"GEMM), {self._peaks['copy_gbs']:.0f} GB/s copy")
         return self._peaks
