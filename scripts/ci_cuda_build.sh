@@ -5,9 +5,9 @@
 # FORCE_CUDA=1. Steps, in a scratch folder that is deleted at the end:
 #   1. a virtualenv with the CUDA torch ($TORCH_CUDA_SPEC) and the build and test tools;
 #   2. a copy of this working tree (tracked and untracked files; pip writes build/ into it);
-#   3. pip install --no-build-isolation . with FORCE_CUDA=1; `python -m uniformer_kernels` must say
-#      with_cuda True and the archs, cuobjdump must list a cubin per arch, and the CPU ops must pass
-#      a fast subset of the tests;
+#   3. pip install --no-build-isolation . as users run it (FORCE_CUDA unset: the path with the
+#      fallback, which must not be taken); `python -m uniformer_kernels` must say with_cuda True and
+#      the archs, cuobjdump must list a cubin per arch, and the CPU ops must pass a fast test subset;
 #   4. one .cu made to fail (#error): without FORCE_CUDA pip install must succeed, CPU-only, with the
 #      warning and the reason in build_info and the report; with FORCE_CUDA=1 it must fail.
 # Environment:
@@ -99,8 +99,8 @@ git ls-files -z --cached --others --exclude-standard \
     | tar --null --files-from=- --ignore-failed-read -cf - | tar -xf - -C "$src"
 
 # --- 3. the CUDA build -----------------------------------------------------------------------------
-step "build with FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS"
-if ! build cuda FORCE_CUDA=1; then
+step "build, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS"
+if ! build cuda; then
     tail -n 80 "$scratch/cuda.log" >&2
     die "the CUDA build failed (log above)"
 fi
@@ -111,7 +111,7 @@ check_report cuda "
 assert e['with_cuda'] is True, e
 assert e['cuda_archs'] == '$TORCH_CUDA_ARCH_LIST', e['cuda_archs']
 assert e['cuda_missing_reason'] == '', e
-" || die "the report does not show the CUDA build"
+" || die "the report does not show the CUDA build (the build log's warning above says why)"
 so=$(cd "$scratch" && "$py" -c 'import uniformer_kernels._C as c; print(c.__file__)')
 [[ $so == "$venv"/* ]] || die "uniformer_kernels._C loads from $so, not from the venv"
 # cuobjdump: the toolkit's, else the copy in the triton wheel (a dependency of the CUDA torch).
