@@ -134,8 +134,8 @@ def peaks_line(benches: dict[str, dict]) -> str:
         for env in (data.get("runs") or {}).values():
             p = env.get("peaks") or {}
             if p:
-                seen.append(f"{p.get('gemm_dtype')} GEMM {p.get('gemm_gflops', math.nan) / 1e3:.1f} "
-                            f"TFLOP/s, copy {p.get('copy_gbs', math.nan) / 1e3:.2f} TB/s")
+                seen.append(f"{p.get('gemm_dtype')} GEMM {p.get('gemm_gflops', math.nan):.0f} "
+                            f"GFLOP/s, copy {p.get('copy_gbs', math.nan):.0f} GB/s")
     # one line per bench process: the spread between them is the peaks' own noise
     return "measured peaks, per bench process: " + ("; ".join(seen) if seen else "none")
 

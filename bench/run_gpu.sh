@@ -102,7 +102,7 @@ record() { printf '%s\t%s\t%s\t%s\n' "$2" "$1" "$3" "$4" >>"$STEPS"; }
 failures() { awk -F'\t' '$1 == "FAIL" || $1 == "TIMEOUT"' "$STEPS" | wc -l; }
 
 # step NAME CAP_S RESERVE_S LOG cmd...: run cmd under timeout min(CAP_S, remaining - RESERVE_S),
-# output appended to LOG. SIGINT first so pytest still reports what finished, SIGKILL 20 s later.
+# output appended to LOG. SIGINT first so pytest still reports what finished, SIGKILL 10 s later.
 step() {
     local name=$1 cap=$2 reserve=$3 log=$4
     shift 4
@@ -114,7 +114,7 @@ step() {
     fi
     printf '\n===== %s (limit %ss, %ss into the run): %s\n' "$name" "$limit" "$((SECONDS - START))" "$*" >>"$log"
     local t0=$SECONDS
-    timeout -s INT -k 20 "$limit" "$@" >>"$log" 2>&1
+    timeout -s INT -k 10 "$limit" "$@" >>"$log" 2>&1
     local rc=$?
     local status=PASS note="rc=$rc"
     if { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && [ "${UK_STEP_MAY_BE_CUT:-0}" = 1 ]; then
@@ -367,7 +367,6 @@ phase2() {
             --impls eager,sdpa_math,ours_cpu
         bench "bench accelerate fp32" 90 bench_accelerate.py "${dev[@]}" --dtype fp32 --img-size 64 --models "$acc" \
             --modes fwd+bwd --impls eager,ours
-        collect_gpu_plan
     else
         gpu_benches bench
     fi
@@ -379,11 +378,18 @@ phase2() {
 # ---- the plan ------------------------------------------------------------------------------------
 # The sanitizer runs only on what time is left: after the tests in phase 1, after the benches in
 # phase all.
+# The dry run checks the cheap things first (collections of what the GPU run will run), then the
+# tiny benches.
 build_and_report
-[ "$RUN_P1" = 1 ] && run_tests
-[ "$PHASE" = 1 ] && run_sanitizer
-[ "$RUN_P2" = 1 ] && phase2
-[ "$PHASE" = all ] && run_sanitizer
+if [ "$DRY" = 1 ]; then
+    if [ "$RUN_P1" = 1 ]; then run_tests; run_sanitizer; fi
+    if [ "$RUN_P2" = 1 ]; then collect_gpu_plan; phase2; fi
+else
+    [ "$RUN_P1" = 1 ] && run_tests
+    [ "$PHASE" = 1 ] && run_sanitizer
+    [ "$RUN_P2" = 1 ] && phase2
+    [ "$PHASE" = all ] && run_sanitizer
+fi
 
 # ---- summary: last on stdout, compact --------------------------------------------------------------
 summarize_tests() {
@@ -395,7 +401,7 @@ summarize_tests() {
     # skip reasons, grouped (-rs): on a GPU, a skipped GPU test is a finding
     grep -E "^SKIPPED \[" "$TESTS_TXT" | sed -E 's/^SKIPPED \[([0-9]+)\] ([^:]+):[0-9]+: /\1 \2: /' \
         | sort -rn | head -n 8 | sed -E 's/^([0-9]+) /skipped \1x /' | cut -c1-160
-    grep -E "ERROR SUMMARY" "$TESTS_TXT" | sed 's/^/sanitizer: /' | sort | uniq -c | head -n 3
+    grep -E "ERROR SUMMARY" "$TESTS_TXT" | sed "s/^/sanitizer: /" | sort -u | head -n 3
 }
 # Benches first and the step table last: the device tool keeps only the output's last 12,000
 # characters, so what is cut when the tables are long is the start, never the verdict.
