@@ -1,7 +1,11 @@
 """uk.accelerate and the drop-in modules of uniformer_kernels.nn: whole-model parity against the
 float64 reference on every variant (eval outputs; train-mode gradients, BatchNorm statistics and
 stochastic depth), the Triton backend, torch.compile, autocast, state_dict compatibility,
-idempotence, conversion of trees that are not our classes, and the conversion errors."""
+idempotence, conversion of trees that are not our classes, and the conversion errors.
+
+The parity, compile and autocast tests run on the CPU and, marked ``gpu``, the same bodies on CUDA
+(the automatic backends there: triton); float16/bfloat16 models on CUDA are held to the contract
+or, where the eager model in the same dtype cannot reach it, to twice that model's own error."""
 from __future__ import annotations
 
 import copy
@@ -11,13 +15,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-import uniformer_kernels as uk
 import uniformer_models as um
 from uniformer_kernels import backends
 from uniformer_kernels import nn as uknn
 from uniformer_kernels.convert import accelerate
 from uniformer_kernels.nn import gemm
-from uniformer_kernels.testing import assert_rel_close, randomize_state_, rel_error, tolerance
+from uniformer_kernels.testing import (assert_rel_close, gpu_marks, randomize_state_, rel_error,
+                                       tolerance, triton_marks, triton_test_device)
 from uniformer_models.layers import DropPath
 
 TOL = tolerance(torch.float32, "model")
@@ -43,9 +47,24 @@ CASES.update({
 BIG = {"uniformer_base", "uniformer_base_ls", "uniformer_large_ls", "uniformer_base_video"}
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=gpu_marks())]
+TRITON_DEVICE = triton_test_device()[0]  # "cuda" (compiled), "cpu" (interpreter) or None
+
+
 @pytest.fixture(autouse=True)
 def no_forced_backend(monkeypatch):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """float32 means float32 on a GPU too: cuDNN convs default to TF32 (10-bit mantissa), which
+    alone would miss the 1e-4 model contract; the Triton attention uses 3xTF32 (float32 accurate).
+    (Set and restored by hand: monkeypatch cannot restore torch.backends.cuda.matmul's flags.)"""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @functools.lru_cache(maxsize=1)
@@ -77,7 +96,7 @@ def weighted_loss(out) -> torch.Tensor:
     """sum(out * w) in float64 with fixed pseudo-random weights: every output element matters."""
     total = 0.0
     for i, t in enumerate(outputs(out)):
-        w = torch.sin(torch.arange(t.numel(), dtype=torch.float64) * (0.37 + i))
+        w = torch.sin(torch.arange(t.numel(), dtype=torch.float64, device=t.device) * (0.37 + i))
         total = total + (t.reshape(-1).double() * w).sum()
     return total
 
@@ -97,16 +116,19 @@ def gradients(model: nn.Module, x: torch.Tensor):
 # ---- parity ------------------------------------------------------------------------------------
 
 # each case's eval and train checks run back to back and share one build
-PARITY = [pytest.param(case, mode, marks=[pytest.mark.slow] if case in BIG and mode == "train"
+PARITY = [pytest.param(case, mode, "cpu", marks=[pytest.mark.slow] if case in BIG and mode == "train"
                        else []) for case in CASES for mode in ("eval", "train")]
+PARITY += [pytest.param(case, mode, "cuda", marks=gpu_marks())
+           for case in CASES for mode in ("eval", "train")]
 
 
-@pytest.mark.parametrize("case,mode", PARITY)
-def test_model_matches_float64_reference(case, mode):
+@pytest.mark.parametrize("case,mode,device", PARITY)
+def test_model_matches_float64_reference(case, mode, device):
     """eval: the outputs, with the reference's shapes and strides. train (batch statistics, the
     light models' cls head, large_ls' aux head): input and parameter gradients of a float64
     loss, and the BatchNorm statistics the step leaves behind."""
     model, x = build(case)
+    model, x = model.to(device), x.to(device)
     fast = accelerate(copy.deepcopy(model).train(mode == "train"))
     reference = model.double().train(mode == "train")
     if mode == "train":
@@ -124,14 +146,16 @@ def test_model_matches_float64_reference(case, mode):
         assert_rel_close(out, ref, TOL, name=f"{case} output {i}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["dense_small_hybrid", "dense_small_windows"])
-def test_dense_backbones_at_512_match_float64_reference(case):
+def test_dense_backbones_at_512_match_float64_reference(case, device):
     """The real segmentation/detection configuration: 512x512, windows of 14, so stage 3's 32x32
     grid is padded to 3x3 windows of 14 (bias-valued padding tokens in every softmax)."""
     _, kwargs, _ = CASES[case]
     model = randomize_state_(um.create_model("uniformer_small", **{**kwargs, "window_size": 14}))
+    model = model.to(device)
     fast = accelerate(copy.deepcopy(model).eval())
-    x = torch.randn(1, 3, 512, 512, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(1, 3, 512, 512, generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         for i, (out, ref) in enumerate(zip(fast(x), model.double().eval()(x.double()))):
             assert_rel_close(out, ref, TOL, name=f"{case} 512 output {i}")
@@ -216,26 +240,23 @@ def test_unknown_backend_is_rejected():
         accelerate(tiny_model(), backend="gpu")
 
 
-def triton_ready() -> bool:
-    return backends._import_triton()[0] is not None and uk.available_backends("cpu")["triton"][0]
-
-
-@pytest.mark.skipif(not triton_ready(), reason="needs triton and TRITON_INTERPRET=1")
-def test_triton_backend_in_the_interpreter():
-    model = tiny_model(features_only=True, hybrid=True, window_size=2).eval()
-    fast = accelerate(copy.deepcopy(model), backend="triton")
-    x = torch.randn(2, 3, 48, 40)
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=triton_marks())])
+def test_triton_backend_forced(backend):
+    """Every op forced to Triton (compiled on a GPU, else the interpreter)."""
+    model = tiny_model(features_only=True, hybrid=True, window_size=2).eval().to(TRITON_DEVICE)
+    fast = accelerate(copy.deepcopy(model), backend=backend)
+    x = torch.randn(2, 3, 48, 40).to(TRITON_DEVICE)
     with torch.no_grad():
         for out, ref in zip(fast(x), model.double()(x.double())):
             assert_rel_close(out, ref, TOL)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not triton_ready(), reason="needs triton and TRITON_INTERPRET=1")
-def test_triton_backend_in_the_interpreter_trains():
-    model = tiny_model().train()
-    fast = accelerate(copy.deepcopy(model), backend="triton")
-    x = torch.randn(2, 3, 64, 64)  # stage 4 2x2: see IMAGE_INPUT
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=triton_marks() + (
+    [pytest.mark.slow] if TRITON_DEVICE == "cpu" else []))])
+def test_triton_backend_forced_trains(backend):
+    model = tiny_model().train().to(TRITON_DEVICE)
+    fast = accelerate(copy.deepcopy(model), backend=backend)
+    x = torch.randn(2, 3, 64, 64).to(TRITON_DEVICE)  # stage 4 2x2: see IMAGE_INPUT
     for got, ref in zip(gradients(fast, x), gradients(model.double(), x.double())):
         assert_rel_close(got, ref, TOL)
 
@@ -246,17 +267,20 @@ def tiny_light_model() -> nn.Module:
                                               head_dim=16, num_classes=10))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("kind", ["dense_hybrid", "light"])
-def test_compile_fullgraph_traces_without_graph_breaks(kind, mode):
-    """Dynamo and AOT autograd through every block (aot_eager: no inductor C++ build here)."""
+def test_compile_fullgraph_traces_without_graph_breaks(kind, mode, device):
+    """Dynamo and AOT autograd through every block: aot_eager on the CPU (no inductor C++ build
+    here), inductor on CUDA (its generated kernels around ours)."""
     torch._dynamo.reset()
     if kind == "light":
         model, x = tiny_light_model(), torch.randn(2, 3, 64, 64)
     else:
         model, x = tiny_model(features_only=True, hybrid=True, window_size=2), torch.randn(2, 3, 48, 40)
-    model.train(mode == "train")
-    compiled = torch.compile(accelerate(copy.deepcopy(model)), fullgraph=True, backend="aot_eager")
+    model, x = model.train(mode == "train").to(device), x.to(device)
+    compiled = torch.compile(accelerate(copy.deepcopy(model)), fullgraph=True,
+                             backend="inductor" if device == "cuda" else "aot_eager")
     if mode == "eval":
         with torch.no_grad():
             for out, ref in zip(outputs(compiled(x)), outputs(model.double()(x.double()))):
@@ -266,36 +290,78 @@ def test_compile_fullgraph_traces_without_graph_breaks(kind, mode):
             assert_rel_close(got, ref, TOL)
 
 
-@pytest.mark.slow
-def test_compile_with_inductor_matches():
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow),
+                                    pytest.param("cuda", marks=gpu_marks())])
+def test_compile_with_inductor_matches(device):
     torch._dynamo.reset()
-    model = tiny_model().eval()
+    model = tiny_model().eval().to(device)
     compiled = torch.compile(accelerate(copy.deepcopy(model)), fullgraph=True)
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32).to(device)
     with torch.no_grad():
         assert_rel_close(compiled(x), model.double()(x.double()), TOL)
 
 
-@pytest.mark.parametrize("case,dtype", [
-    ("uniformer_small", torch.bfloat16), ("uniformer_xxs", torch.bfloat16),
-    # 16-bit GEMMs are emulated on CPUs without AVX512-BF16/FP16: slow
-    pytest.param("uniformer_small_video_split", torch.bfloat16, marks=pytest.mark.slow),
-    pytest.param("uniformer_xxs", torch.float16, marks=pytest.mark.slow)],
-    ids=["small-bf16", "xxs-bf16", "video_split-bf16", "xxs-fp16"])
-def test_autocast_training_is_as_accurate_as_the_reference(case, dtype):
+SIXTEEN_BIT_CASES = ["uniformer_small", "uniformer_xxs", "uniformer_small_video_split",
+                     "dense_small_hybrid"]
+
+
+def sixteen_bit_params(cpu_cases, cuda_cases=SIXTEEN_BIT_CASES):
+    """(case, dtype, device): ``cpu_cases`` ((case, dtype, marks)) on the CPU, where 16-bit GEMMs
+    are emulated on CPUs without AVX512-BF16/FP16 (slow); every 16-bit case on CUDA."""
+    def name(case, dtype, device):
+        return f"{case.replace('uniformer_', '')}-{str(dtype).replace('torch.', '')}-{device}"
+    params = [pytest.param(case, dtype, "cpu", marks=marks, id=name(case, dtype, "cpu"))
+              for case, dtype, marks in cpu_cases]
+    params += [pytest.param(case, dtype, "cuda", marks=gpu_marks(), id=name(case, dtype, "cuda"))
+               for case in cuda_cases for dtype in (torch.bfloat16, torch.float16)]
+    return params
+
+
+@pytest.mark.parametrize("case,dtype,device", sixteen_bit_params([
+    ("uniformer_small", torch.bfloat16, []), ("uniformer_xxs", torch.bfloat16, []),
+    ("uniformer_small_video_split", torch.bfloat16, [pytest.mark.slow]),
+    ("uniformer_xxs", torch.float16, [pytest.mark.slow])]))
+def test_autocast_training_is_as_accurate_as_the_reference(case, dtype, device):
     """Mixed precision (the light models too): forward and backward run, and the error against
     float64 is at most twice the reference's own under the same autocast."""
     model, x = build(case)
+    model, x = model.to(device), x.to(device)
     fast = accelerate(copy.deepcopy(model).train())
     exact = gradients(copy.deepcopy(model).double().train(), x.double())
     results = {}
     for label, net in (("fast", fast), ("reference", model.train())):
-        with torch.autocast("cpu", dtype=dtype):
+        with torch.autocast(device, dtype=dtype):
             results[label] = gradients(net, x)
     for i, what in enumerate(("d input", "d params")):
         fast_err = rel_error(results["fast"][i], exact[i])
         ref_err = rel_error(results["reference"][i], exact[i])
         assert fast_err <= 2 * ref_err + 1e-6, f"{what}: {fast_err:.2e} vs reference {ref_err:.2e}"
+
+
+# Not the light models: measured on the CPU, xxs in bfloat16 was 0.18 off the float64 reference
+# against the eager bfloat16 model's 0.026. Not yet explained; the likely cause is token pruning
+# (the tokens with the largest class attention are kept, and 16-bit rounding can flip near-ties,
+# which changes the output by far more than rounding), to be confirmed. Autocast training covers
+# the light models.
+@pytest.mark.parametrize("case,dtype,device", sixteen_bit_params(
+    [("uniformer_small", torch.bfloat16, [])],
+    [case for case in SIXTEEN_BIT_CASES if case != "uniformer_xxs"]))
+def test_16bit_model_matches_float64_reference(case, dtype, device):
+    """A model converted to float16/bfloat16 (weights and input), eval: its outputs against the
+    float64 reference within the dtype's contract, or, where the eager model in the same dtype
+    cannot reach it (errors add up over the blocks), within twice that model's own error."""
+    model, x = build(case)
+    model, x = model.to(device).eval(), x.to(device)
+    fast = accelerate(copy.deepcopy(model).to(dtype))
+    with torch.no_grad():
+        exact = outputs(copy.deepcopy(model).double()(x.double()))
+        got = outputs(fast(x.to(dtype)))
+        eager = outputs(model.to(dtype)(x.to(dtype)))
+    for i, (out, ref, same_dtype) in enumerate(zip(got, exact, eager)):
+        assert out.dtype == dtype
+        err, eager_err = rel_error(out, ref), rel_error(same_dtype, ref)
+        bound = max(tolerance(dtype, "model"), 2 * eager_err)
+        assert err <= bound, f"{case} output {i}: {err:.2e} > {bound:.2e} (eager {eager_err:.2e})"
 
 
 # ---- what conversion does and does not change --------------------------------------------------

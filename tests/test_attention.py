@@ -1,12 +1,13 @@
 """Op 4, attention, on every backend this machine runs (eager; cpu, the C++ kernel and, for windows
-and 16-bit inputs, PyTorch's CPU flash kernel, at real UniFormer sizes; Triton in its interpreter
-on small shapes) against float64 references taken
+and 16-bit inputs, PyTorch's CPU flash kernel, at real UniFormer sizes; Triton compiled on a GPU at
+the same sizes, else in its interpreter on small shapes) against float64 references taken
 from the reference modules themselves: forward, the qkv gradient and the qkv-bias gradient of
 global attention (Attention), the class-token row (EvoSABlock), windows with the reference padding
 (SABlock_Windows) and split video attention (SplitSABlock); layouts, poisoned buffers,
 torch.library registration, torch.compile, bad input."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import platform
@@ -23,7 +24,9 @@ import torch.nn as nn
 import uniformer_kernels as uk
 from uniformer_kernels import _extension, backends
 from uniformer_kernels.ops.attention import attention
-from uniformer_kernels.testing import assert_rel_close, randomize_state_, tolerance
+from uniformer_kernels.ops import _device_guard
+from uniformer_kernels.testing import (assert_rel_close, gpu_marks, randomize_state_, tolerance,
+                                       triton_marks, triton_test_device)
 from uniformer_models.blocks import SABlock_Windows, SplitSABlock, window_partition, window_reverse
 from uniformer_models.layers import Attention
 from uniformer_models.uniformer_light import EvoSABlock
@@ -32,17 +35,26 @@ from uniformer_models.uniformer_light import EvoSABlock
 attention_op = importlib.import_module("uniformer_kernels.ops.attention")
 
 
-def triton_ready() -> bool:
-    return backends._import_triton()[0] is not None and uk.available_backends("cpu")["triton"][0]
-
+TRITON_DEVICE = triton_test_device()[0]  # "cuda" (compiled), "cpu" (interpreter) or None
+# The interpreter takes seconds per call: there the Triton cases are fewer and smaller.
+INTERPRETED = TRITON_DEVICE == "cpu"
 
 MARKS = {
     "eager": [],
     "cpu": [pytest.mark.skipif(not _extension.loaded(), reason="uniformer_kernels._C not built")],
-    "triton": [pytest.mark.skipif(not triton_ready(),
-                                  reason="needs triton and TRITON_INTERPRET=1")],
+    "triton": triton_marks(),
 }
 BACKENDS = [pytest.param(name, marks=marks) for name, marks in MARKS.items()]
+
+
+def device_of(backend: str) -> str:
+    """Where ``backend``'s tests put their tensors (the references stay on the CPU)."""
+    return TRITON_DEVICE if backend == "triton" else "cpu"
+
+
+def small(backend: str) -> bool:
+    """Whether ``backend`` gets the interpreter's small shapes."""
+    return backend == "triton" and INTERPRETED
 
 
 @pytest.fixture(autouse=True)
@@ -201,11 +213,12 @@ def split_case(batch, frames, grid, num_heads, head_dim, dtype, temporal: bool) 
 def run_op(case: Case, backend: str, buffer: torch.Tensor | None = None):
     """The op on ``backend``, forward then backward with random upstream gradients; returns
     (out, cls_attn, grad_out, grad_cls, grad of the buffer, grad of qkv_bias)."""
-    buffer = case.qkv.detach().requires_grad_() if buffer is None else buffer
+    if buffer is None:
+        buffer = case.qkv.detach().to(device_of(backend)).requires_grad_()
     kwargs = dict(case.kwargs)
     bias = kwargs.get("qkv_bias")
     if bias is not None:
-        bias = kwargs["qkv_bias"] = bias.detach().requires_grad_()
+        bias = kwargs["qkv_bias"] = bias.detach().to(buffer.device).requires_grad_()
     with uk.backend(backend):
         result = attention(case.view(buffer), case.num_heads, **kwargs)
         out, cls = result if isinstance(result, tuple) else (result, None)
@@ -217,7 +230,9 @@ def run_op(case: Case, backend: str, buffer: torch.Tensor | None = None):
         grad_inputs = torch.autograd.grad(outputs, inputs, grads)
     grad_cls = grads[1] if cls is not None else None
     grad_bias = grad_inputs[1] if bias is not None else None
-    return out, cls, grads[0], grad_cls, grad_inputs[0], grad_bias
+    # to the CPU, where the references are (dense tensors keep their strides)
+    return tuple(None if t is None else t.cpu() for t in
+                 (out, cls, grads[0], grad_cls, grad_inputs[0], grad_bias))
 
 
 def check(case: Case, backend: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
@@ -246,42 +261,47 @@ TOKENS = (1, 7, 49, 196, 512, 1024)
 
 
 def global_params():
-    """Every head_dim x N on eager and cpu; the interpreter gets the small N, and N = 196 (four
-    key blocks, the last one partial) at one head_dim."""
+    """Every head_dim x N on eager, cpu and compiled Triton; the interpreter gets the small N, and
+    N = 196 (four key blocks, the last one partial) at one head_dim."""
     params = []
     for head_dim in HEAD_DIMS:
         for tokens in TOKENS:
             for backend in ("eager", "cpu"):
                 params.append(pytest.param(backend, head_dim, tokens, marks=MARKS[backend]))
-            if tokens <= 49 or (tokens, head_dim) == (196, 64):
+            if not INTERPRETED or tokens <= 49 or (tokens, head_dim) == (196, 64):
                 params.append(pytest.param("triton", head_dim, tokens, marks=MARKS["triton"]))
     return params
 
 
 @pytest.mark.parametrize("backend,head_dim,tokens", global_params())
 def test_global_attention_matches_reference(backend, head_dim, tokens):
-    batch, heads = (2, 2) if backend != "triton" else (1, 2 if tokens < 196 else 1)
+    batch, heads = (2, 2) if not small(backend) else (1, 2 if tokens < 196 else 1)
     check(global_case(batch, tokens, heads, head_dim, torch.float32), backend)
 
 
 @pytest.mark.parametrize("backend,grid,prune_ratio,head_dim", [
     *[pytest.param(b, (14, 14), 1.0, 28, marks=MARKS[b]) for b in ("eager", "cpu", "triton")],
-    *[pytest.param(b, (14, 14), 0.5, 28, marks=MARKS[b]) for b in ("eager", "cpu")],
+    *[pytest.param(b, (14, 14), 0.5, 28, marks=MARKS[b])
+      for b in ("eager", "cpu") + (() if INTERPRETED else ("triton",))],
     *[pytest.param(b, (7, 9), 0.5, 32, marks=MARKS[b]) for b in ("eager", "cpu", "triton")],
 ])
 def test_class_token_row_matches_evo_block(backend, grid, prune_ratio, head_dim):
     """N = 197 (every token, XXS stage 3 at 224) and pruned [cls, kept, representative]; the
     class-row gradient flows into q and k as in the reference."""
-    heads = 2 if backend != "triton" else 1
+    heads = 2 if not small(backend) else 1
     check(evo_case(2, grid, heads, head_dim, prune_ratio, torch.float32), backend)
+
+
+# backends that get the full-size cases
+FULL_SIZE = ("eager", "cpu") + (() if INTERPRETED else ("triton",))
 
 
 @pytest.mark.parametrize("backend,grid,window_size,qkv_bias", [
     *[pytest.param(b, g, 14, True, marks=MARKS[b])
-      for b in ("eager", "cpu") for g in ((32, 32), (30, 45))],
-    *[pytest.param(b, (30, 45), 14, False, marks=MARKS[b]) for b in ("eager", "cpu")],
+      for b in FULL_SIZE for g in ((32, 32), (30, 45))],
+    *[pytest.param(b, (30, 45), 14, False, marks=MARKS[b]) for b in FULL_SIZE],
     *[pytest.param(b, (9, 11), 4, bias, marks=MARKS[b])
-      for b in ("eager", "cpu") for bias in (True, False)],
+      for b in FULL_SIZE for bias in (True, False)],
     *[pytest.param("triton", (5, 7), 4, bias, marks=MARKS["triton"]) for bias in (True, False)],
     pytest.param("triton", (8, 8), 4, True, marks=MARKS["triton"]),
     pytest.param("triton", (11, 13), 10, True, marks=MARKS["triton"] + [pytest.mark.slow]),
@@ -289,7 +309,7 @@ def test_class_token_row_matches_evo_block(backend, grid, prune_ratio, head_dim)
 def test_window_attention_matches_reference(backend, grid, window_size, qkv_bias):
     """Grids that need padding right and bottom (32x32 / 14, 30x45, 9x11, 5x7, 11x13 / 10:
     windows of two key blocks) and one that does not (8x8 / 4)."""
-    batch, heads = (2, 2) if backend != "triton" else (1, 2 if window_size < 10 else 1)
+    batch, heads = (2, 2) if not small(backend) else (1, 2 if window_size < 10 else 1)
     check(window_case(batch, grid, window_size, heads, 32, torch.float32, qkv_bias), backend)
 
 
@@ -297,8 +317,8 @@ def test_window_attention_matches_reference(backend, grid, window_size, qkv_bias
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_split_attention_matches_reference(backend, temporal):
     """Both views of one (B, T*H*W, 3C) buffer; the output folds back to (B, T*H*W, C) as a view."""
-    frames, grid = (4, (7, 7)) if backend != "triton" else (3, (2, 3))
-    case = split_case(2 if backend != "triton" else 1, frames, grid, 2, 32, torch.float32,
+    frames, grid = (4, (7, 7)) if not small(backend) else (3, (2, 3))
+    case = split_case(2 if not small(backend) else 1, frames, grid, 2, 32, torch.float32,
                       temporal)
     out = check(case, backend)
     tokens_first = out.transpose(1, 2) if temporal else out
@@ -307,13 +327,16 @@ def test_split_attention_matches_reference(backend, temporal):
 
 @pytest.mark.parametrize("backend,dtype", [
     *[pytest.param(b, dt, marks=MARKS[b])
-      for b in ("eager", "cpu") for dt in (torch.float16, torch.bfloat16)],
+      for b in ("eager", "cpu") for dt in (torch.float16, torch.bfloat16, torch.float64)],
     pytest.param("triton", torch.float16, marks=MARKS["triton"]),
+    pytest.param("triton", torch.float64, marks=MARKS["triton"]),
+    # the interpreter's bfloat16 dots are wrong (DESIGN.md): compiled only
+    pytest.param("triton", torch.bfloat16, marks=MARKS["triton"] + gpu_marks()),
 ])
-def test_16bit_inputs(backend, dtype):
-    """Float32 accumulation: within the 16-bit contract of the float64 reference, for the class
-    row at head_dim 28 (light models) and windows with padding."""
-    if backend == "triton":  # shapes for the interpreter: N = 66, two key blocks
+def test_16bit_and_float64_inputs(backend, dtype):
+    """Float32 accumulation (float64 for float64): within the contract for the dtype of the float64
+    reference, for the class row at head_dim 28 (light models) and windows with padding."""
+    if small(backend):  # shapes for the interpreter: N = 66, two key blocks
         cases = [evo_case(1, (5, 13), 1, 28, 1.0, dtype), window_case(1, (5, 7), 4, 2, 32, dtype)]
     else:
         cases = [evo_case(1, (8, 12), 2, 28, 1.0, dtype), window_case(1, (9, 11), 4, 2, 32, dtype)]
@@ -326,15 +349,18 @@ def test_noncontiguous_qkv(backend):
     """A qkv sliced from a wider buffer, and one whose storage is token-major (N, B, 3C): values
     as for the contiguous input, the output dense in qkv's dim order; grad_out with stride 0."""
     case = global_case(2, 13, 2, 32, torch.float32)
-    wide = torch.randn(2, 13, case.qkv.shape[-1] + 5)
-    wide[..., :-5] = case.qkv
+    device = device_of(backend)
+    wide = torch.randn(2, 13, case.qkv.shape[-1] + 5, device=device)
+    wide[..., :-5] = case.qkv.to(device)
     wide.requires_grad_()
     check(case, backend, buffer=wide[..., :-5])
-    token_major = case.qkv.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    token_major = case.qkv.to(device).transpose(0, 1).contiguous().transpose(0, 1)
+    token_major.requires_grad_()
     out = check(case, backend, buffer=token_major)
     assert out.transpose(0, 1).is_contiguous()
     with uk.backend(backend):
         (grad,) = torch.autograd.grad(attention(token_major, 2, **case.kwargs).sum(), token_major)
+    grad = grad.cpu()
     ref = case.ref_grads(torch.ones_like(case.ref_out), None)[0]
     assert_rel_close(grad, ref, tolerance(torch.float32, "attention"), f"{backend} grad of sum")
 
@@ -350,8 +376,8 @@ def reference_attention(qkv: torch.Tensor, num_heads: int, scale: float) -> torc
 def test_extreme_scores_and_nan(backend):
     """Scores in the thousands (one key dominates, the rest underflow to 0) stay exact; a NaN in
     one token's q makes that sequence's output rows NaN and leaves the other sequence alone."""
-    qkv = torch.randn(2, 37, 3 * 64) * 12  # q.k ~ 1e4: exp underflows for all but the top key
-    with uk.backend(backend):
+    qkv = torch.randn(2, 37, 3 * 64, device=device_of(backend)) * 12  # q.k ~ 1e4: exp underflows
+    with uk.backend(backend):                                           # for all but the top key
         out = attention(qkv, 2, scale=1.0)
     assert_rel_close(out, reference_attention(qkv, 2, 1.0), tolerance(torch.float32, "attention"),
                      f"{backend} extreme scores")
@@ -390,7 +416,8 @@ def test_backward_may_run_on_another_backend(forward_backend, backward_backend):
     """The saved log-sum-exp means the same on every backend (window padding rows included)."""
     for case in (window_case(1, (5, 7), 4, 2, 16, torch.float32),
                  evo_case(1, (3, 4), 2, 16, 1.0, torch.float32)):
-        qkv = case.qkv.detach().requires_grad_()
+        device = device_of("triton" if "triton" in (forward_backend, backward_backend) else "cpu")
+        qkv = case.qkv.detach().to(device).requires_grad_()
         with uk.backend(forward_backend):
             result = attention(qkv, case.num_heads, **case.kwargs)
         out, cls = result if isinstance(result, tuple) else (result, None)
@@ -399,24 +426,30 @@ def test_backward_may_run_on_another_backend(forward_backend, backward_backend):
         with uk.backend(backward_backend):
             (grad,) = torch.autograd.grad([out] + ([cls] if cls is not None else []), [qkv],
                                           [grad_out] + ([grad_cls] if cls is not None else []))
-        ref = case.ref_grads(grad_out.double(), None if cls is None else grad_cls.double())[0]
-        assert_rel_close(grad, ref, tolerance(torch.float32, "attention"), "grad qkv")
+        ref = case.ref_grads(grad_out.cpu().double(),
+                             None if cls is None else grad_cls.cpu().double())[0]
+        assert_rel_close(grad.cpu(), ref, tolerance(torch.float32, "attention"), "grad qkv")
 
 
 # ---- poisoned memory ----------------------------------------------------------------------------
 
-@pytest.mark.skipif(not triton_ready(), reason="needs triton and TRITON_INTERPRET=1")
-def test_triton_kernels_overwrite_nan_filled_outputs():
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=MARKS["triton"])])
+def test_triton_kernels_overwrite_nan_filled_outputs(backend):
     """The launchers write into buffers they are given: filled with NaN, every element the kernels
     should write (out, lse, the class row, every grad_qkv element, the bias gradient) is finite
     afterwards, and equal to the eager backend's (windows with padding, class row, split views)."""
     from uniformer_kernels.triton import attention as kernels
+    device = device_of(backend)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device)
+
     window = attention_op.Window(4, 5, 7)
-    bias = torch.randn(96)
+    bias = randn(96)
     for qkv, qkv_bias, win, cls in [
-        (torch.randn(1, 35, 96), bias, window, False),
-        (torch.randn(2, 11, 96), None, None, True),
-        (torch.randn(1, 12, 96).view(1, 3, 4, 96).transpose(1, 2), None, None, False),
+        (randn(1, 35, 96), bias, window, False),
+        (randn(2, 11, 96), None, None, True),
+        (randn(1, 12, 96).view(1, 3, 4, 96).transpose(1, 2), None, None, False),
     ]:
         eager_out, eager_lse, eager_cls = attention_op._eager_forward(qkv, qkv_bias, 2, 0.25, win,
                                                                       cls)
@@ -432,7 +465,7 @@ def test_triton_kernels_overwrite_nan_filled_outputs():
         want_qkv, want_bias = attention_op._eager_backward(grad_out, grad_cls, qkv, qkv_bias, out,
                                                            lse, cls_probs, 2, 0.25, win)
         grad_qkv = torch.full_like(qkv, float("nan"))
-        grad_bias = torch.full((96,), float("nan")) if qkv_bias is not None else None
+        grad_bias = torch.full((96,), float("nan"), device=device) if qkv_bias is not None else None
         kernels.attention_backward(grad_out, grad_cls, qkv, qkv_bias, out, lse,
                                    cls_probs if cls else None, grad_qkv, grad_bias, num_heads=2,
                                    scale=0.25, window=win)
@@ -478,12 +511,12 @@ def test_poisoned_heap_never_leaks_into_results():
 
 # ---- torch.library: opcheck, gradcheck, compile -------------------------------------------------
 
-def opcheck_calls():
+def opcheck_calls(device):
     """(forward args, backward args) for global + class row, windows + bias, split views; one
     head and few sequences, for the interpreter's sake."""
-    qkv = torch.randn(1, 12, 48)
-    bias = torch.randn(48)
-    split = torch.randn(1, 12, 48).view(1, 3, 4, 48).transpose(1, 2)
+    qkv = torch.randn(1, 12, 48, device=device)
+    bias = torch.randn(48, device=device)
+    split = torch.randn(1, 12, 48, device=device).view(1, 3, 4, 48).transpose(1, 2)
     calls = []
     for x, b, window, cls in ((qkv, None, (0, 0, 0), True), (qkv, bias, (3, 3, 4), False),
                               (split, None, (0, 0, 0), False)):
@@ -499,15 +532,16 @@ def opcheck_calls():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     with uk.backend(backend):
-        for fwd, bwd in opcheck_calls():
+        for fwd, bwd in opcheck_calls(device_of(backend)):
             torch.library.opcheck(attention_op._attention, fwd)
             torch.library.opcheck(attention_op._attention_backward, bwd)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(backend):
-    qkv = torch.randn(1, 12, 48, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(48, dtype=torch.float64, requires_grad=True)
+    device = device_of(backend)
+    qkv = torch.randn(1, 12, 48, dtype=torch.float64, device=device, requires_grad=True)
+    bias = torch.randn(48, dtype=torch.float64, device=device, requires_grad=True)
     with uk.backend(backend):
         assert torch.autograd.gradcheck(
             lambda q, b: attention(q, 1, window_size=3, grid_size=(3, 4), qkv_bias=b),
@@ -518,12 +552,13 @@ def test_gradcheck_float64(backend):
             lambda q: attention(q.view(1, 3, 4, 48).transpose(1, 2), 1), (qkv,), fast_mode=True)
 
 
-def test_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu_marks())])
+def test_compile_fullgraph_forward_and_backward(device):
     """Windows with bias and the class row inside one compiled function: no graph break, one
-    compilation, the same values and gradients as eager."""
+    compilation, the same values and gradients as eager (on CUDA: the triton backend)."""
     torch._dynamo.reset()
-    qkv = torch.randn(2, 35, 96, requires_grad=True)
-    bias = torch.randn(96, requires_grad=True)
+    qkv = torch.randn(2, 35, 96, device=device, requires_grad=True)
+    bias = torch.randn(96, device=device, requires_grad=True)
 
     def block(qkv, bias):
         windows = attention(qkv, 2, window_size=4, grid_size=(5, 7), qkv_bias=bias)
@@ -538,6 +573,58 @@ def test_compile_fullgraph_forward_and_backward():
     assert_rel_close(loss, eager_loss.double(), 1e-6)
     for got, want in zip(grads, torch.autograd.grad(eager_loss, (qkv, bias))):
         assert_rel_close(got, want.double(), 1e-6)
+
+
+# ---- devices: tensors on a GPU other than the current one --------------------------------------
+
+@pytest.mark.gpu
+def test_tensors_on_a_device_other_than_the_current_one():
+    """With cuda:0 current, windows with bias and the class row on cuda:1 tensors, forward and
+    backward: Triton launches on the current device unless the op switches to the tensors'."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA GPUs, found {torch.cuda.device_count()}")
+    if TRITON_DEVICE != "cuda":
+        pytest.skip("the triton backend does not run compiled here")
+    with torch.cuda.device(0):
+        for case in (window_case(2, (9, 11), 4, 2, 32, torch.float32),
+                     evo_case(2, (7, 9), 2, 32, 1.0, torch.float32)):
+            buffer = case.qkv.to("cuda:1").requires_grad_()
+            check(case, "triton", buffer=buffer)
+        assert torch.cuda.current_device() == 0
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=MARKS["triton"])])
+def test_triton_launches_run_on_the_qkv_device(backend, monkeypatch):
+    """Forward and backward launchers run inside the device guard, with qkv's device current (on
+    one GPU the guard changes nothing but its code runs; on the CPU it is a no-op context)."""
+    from uniformer_kernels.triton import attention as kernels
+    guarded, launches = [], []
+    real_guard = _device_guard.on_device_of
+
+    @contextlib.contextmanager
+    def recording_guard(t):
+        with real_guard(t):
+            guarded.append(t.device)
+            yield
+            guarded.pop()
+
+    def spy(name):
+        real = getattr(kernels, name)
+
+        def launcher(*args, **kwargs):
+            qkv = args[0] if name == "attention_forward" else args[2]
+            current = torch.cuda.current_device() if qkv.is_cuda else None
+            launches.append((name, bool(guarded) and guarded[-1] == qkv.device,
+                             current in (None, qkv.device.index)))
+            return real(*args, **kwargs)
+        return launcher
+
+    monkeypatch.setattr(_device_guard, "on_device_of", recording_guard)
+    for name in ("attention_forward", "attention_backward"):
+        monkeypatch.setattr(kernels, name, spy(name))
+    check(window_case(1, (5, 7), 4, 2, 16, torch.float32), backend)
+    assert {name for name, _, _ in launches} == {"attention_forward", "attention_backward"}
+    assert all(inside and current for _, inside, current in launches), launches
 
 
 # ---- backend choice and bad input ---------------------------------------------------------------

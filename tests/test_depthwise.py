@@ -1,11 +1,15 @@
 """Ops 1 and 2 (depthwise_conv, pos_embed_norm) on every backend this machine runs: the C++ CPU
-kernels natively (real UniFormer shapes included), Triton in its interpreter on small shapes, and
-the eager composition; all against a float64 eager reference, forward and every gradient."""
+kernels natively (real UniFormer shapes included), Triton (compiled on a GPU, else in its
+interpreter on small shapes), the CUDA kernels on a GPU, and the eager composition; all against a
+float64 eager reference, forward and every gradient. The GPU cases carry the ``gpu`` marker; the
+CUDA kernels' own file (test_depthwise_cuda.py) adds real shapes, poisoning and bad direct calls."""
+import contextlib
 import importlib
 import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
@@ -13,22 +17,35 @@ import torch.nn.functional as F
 
 import uniformer_kernels as uk
 from uniformer_kernels import _extension, backends
-from uniformer_kernels.testing import assert_rel_close, tolerance
+from uniformer_kernels.ops import _device_guard
+from uniformer_kernels.testing import (assert_rel_close, gpu_marks, tolerance, triton_marks,
+                                       triton_test_device, triton_test_dtypes)
 
 ENV = backends.ENV_VAR
-
-
-def triton_ready() -> bool:
-    return backends._import_triton()[0] is not None and uk.available_backends("cpu")["triton"][0]
-
+TRITON_DEVICE = triton_test_device()[0]  # "cuda" (compiled), "cpu" (interpreter) or None
 
 BACKENDS = [
     "eager",
     pytest.param("cpu", marks=pytest.mark.skipif(not _extension.loaded(),
                                                  reason="uniformer_kernels._C not built")),
-    pytest.param("triton", marks=pytest.mark.skipif(not triton_ready(),
-                                                    reason="needs triton and TRITON_INTERPRET=1")),
+    pytest.param("triton", marks=triton_marks()),
+    pytest.param("cuda", marks=gpu_marks()),
 ]
+
+
+def device_of(backend: str) -> str:
+    """Where ``backend``'s tests put their tensors; skips when the cuda backend is missing."""
+    if backend == "cuda":
+        ok, reason = uk.available_backends("cuda")["cuda"]
+        if not ok:
+            pytest.skip(f"cuda backend unavailable: {reason}")
+        return "cuda"
+    return TRITON_DEVICE if backend == "triton" else "cpu"
+
+
+def skip_unless_dtype_runs(backend: str, dtype: torch.dtype) -> None:
+    if backend == "triton" and dtype not in triton_test_dtypes(TRITON_DEVICE):
+        pytest.skip(f"the Triton interpreter mishandles {dtype} (DESIGN: float32/float16 there)")
 
 # (spatial size, kernel size): odd sizes, sizes smaller than the kernel, every kernel of DESIGN.
 CASES = [
@@ -47,13 +64,14 @@ def channels_last(dims):
     return torch.channels_last if dims == 4 else torch.channels_last_3d
 
 
-def make_inputs(batch, channels, spatial, kernel, dtype=torch.float32, memory_format=None, seed=0):
+def make_inputs(batch, channels, spatial, kernel, dtype=torch.float32, memory_format=None, seed=0,
+                device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, channels, *spatial, generator=gen).to(dtype)
+    x = torch.randn(batch, channels, *spatial, generator=gen).to(device, dtype)
     if memory_format is not None:
         x = x.contiguous(memory_format=memory_format)
-    weight = (torch.randn(channels, 1, *kernel, generator=gen) / len(kernel)).to(dtype)
-    bias = torch.randn(channels, generator=gen).to(dtype)
+    weight = (torch.randn(channels, 1, *kernel, generator=gen) / len(kernel)).to(device, dtype)
+    bias = torch.randn(channels, generator=gen).to(device, dtype)
     return x, weight, bias
 
 
@@ -105,7 +123,7 @@ def test_depthwise_conv_matches_float64(backend, spatial, kernel):
     for index, (batch, channels, fmt) in enumerate([(2, 37, "contiguous"), (1, 8, "channels_last")]):
         memory_format = channels_last(len(spatial) + 2) if fmt == "channels_last" else None
         x, weight, bias = make_inputs(batch, channels, spatial, kernel, memory_format=memory_format,
-                                      seed=index)
+                                      seed=index, device=device_of(backend))
         check_depthwise(backend, x, weight, bias if index == 0 else None, residual=index == 1)
         check_depthwise(backend, x, weight, bias, residual=index == 0)
 
@@ -113,36 +131,73 @@ def test_depthwise_conv_matches_float64(backend, spatial, kernel):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("channels", [1, 3])
 def test_depthwise_conv_single_and_few_channels(backend, channels):
-    x, weight, bias = make_inputs(2, channels, (7, 9), (3, 3))
+    x, weight, bias = make_inputs(2, channels, (7, 9), (3, 3), device=device_of(backend))
     check_depthwise(backend, x, weight, bias, residual=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_depthwise_conv_16bit(backend, dtype):
-    if backend == "triton" and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter mishandles bfloat16 (DESIGN: test float32/float16 there)")
+    skip_unless_dtype_runs(backend, dtype)
     for spatial, kernel in [((9, 13), (3, 3)), ((3, 7, 9), (3, 3, 3))]:
         x, weight, bias = make_inputs(2, 19, spatial, kernel, dtype=dtype,
-                                      memory_format=channels_last(len(spatial) + 2))
+                                      memory_format=channels_last(len(spatial) + 2),
+                                      device=device_of(backend))
         check_depthwise(backend, x, weight, bias, residual=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_depthwise_conv_float64(backend):
-    x, weight, bias = make_inputs(2, 11, (3, 7, 9), (3, 3, 3), dtype=torch.float64)
+    x, weight, bias = make_inputs(2, 11, (3, 7, 9), (3, 3, 3), dtype=torch.float64,
+                                  device=device_of(backend))
     check_depthwise(backend, x, weight, bias, residual=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_depthwise_conv_sliced_input(backend):
     """Non-contiguous views: a channel slice of a channels-last tensor and a strided spatial one."""
-    x_big, weight, bias = make_inputs(2, 40, (11, 19), (3, 3),
-                                      memory_format=torch.channels_last)
+    x_big, weight, bias = make_inputs(2, 40, (11, 19), (3, 3), memory_format=torch.channels_last,
+                                      device=device_of(backend))
     x = x_big[:, 3:40, 1:-1, ::2]
     assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
     check_depthwise(backend, x, weight[3:40], bias[3:40], residual=True)
     check_depthwise(backend, x_big.transpose(2, 3), weight.transpose(2, 3), bias, residual=False)
+
+
+def offset_view(shape, memory_format, device, dtype=torch.float32, offset=1):
+    """A tensor contiguous in ``memory_format`` whose data starts ``offset`` elements into a
+    larger buffer: dense, so no op copies it, but its address breaks 16-byte vector alignment."""
+    dims = len(shape)
+    order = (0, *range(2, dims), 1) if memory_format != torch.contiguous_format else range(dims)
+    stored = [shape[i] for i in order]
+    numel = torch.Size(shape).numel()
+    buffer = torch.randn(numel + offset, generator=torch.Generator().manual_seed(offset))
+    t = buffer.to(device, dtype)[offset:].view(stored).permute(*(list(order).index(i)
+                                                                 for i in range(dims)))
+    assert t.is_contiguous(memory_format=memory_format) and t.storage_offset() == offset
+    return t
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_storage_offset_breaking_vector_alignment(backend, dtype):
+    """Inputs, weights and biases that are contiguous but start a few elements into their buffer
+    (the CUDA kernels must take their scalar path: a 16-byte vector load there would fault or
+    read the wrong elements; compiled Triton specialises on 16-byte pointer alignment too), with
+    16 channels, which would otherwise vectorise in every dtype. x reaches the
+    kernels as a view (its channels-last 5-D form is free); so does a float32 bias."""
+    skip_unless_dtype_runs(backend, dtype)
+    if backend == "triton" and TRITON_DEVICE == "cpu" and dtype != torch.float32:
+        pytest.skip("the interpreter has no vector path to fall back from: float32 is enough there")
+    device = device_of(backend)
+    for shape, kernel in (((2, 16, 5, 7), (3, 3)), ((1, 16, 3, 4, 5), (3, 3, 3))):
+        fmt = channels_last(len(shape))
+        x = offset_view(shape, fmt, device, dtype)
+        weight = offset_view((shape[1], 1, *kernel), torch.contiguous_format, device, dtype, 3)
+        bias = offset_view((shape[1],), torch.contiguous_format, device, dtype, 1)
+        check_depthwise(backend, x, weight, bias, residual=True)
+        check_depthwise(backend, x, weight, None, residual=False)
+        check_pos_embed_norm(backend, x, weight, bias, "layernorm")
 
 
 # The shapes UniFormer runs (stage 1 to 4 of S at 224, video S stage 1 at 8x224), batch 2 where the
@@ -183,14 +238,81 @@ def test_cpu_weight_gradient_is_deterministic():
     assert torch.equal(first, second)
 
 
+# ---- devices: tensors on a GPU other than the current one --------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_tensors_on_a_device_other_than_the_current_one(backend):
+    """With cuda:0 current, both ops forward and backward on cuda:1 tensors: Triton launches on
+    the current device unless the op switches to the tensors' (ops/_device_guard.py); the CUDA
+    binding has a CUDAGuard. The results land on cuda:1 and match the reference."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA GPUs, found {torch.cuda.device_count()}")
+    device_of(backend)  # skips when the backend is missing
+    if backend == "triton" and TRITON_DEVICE != "cuda":
+        pytest.skip("triton runs in the interpreter here")
+    with torch.cuda.device(0):
+        for spatial, kernel in (((9, 13), (3, 3)), ((3, 7, 9), (5, 5, 5))):
+            x, weight, bias = make_inputs(2, 37, spatial, kernel, device="cuda:1",
+                                          memory_format=channels_last(len(spatial) + 2))
+            check_depthwise(backend, x, weight, bias, residual=True)
+            check_pos_embed_norm(backend, x, weight, bias, "layernorm")
+        assert torch.cuda.current_device() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS[2:])
+def test_kernel_launches_run_on_the_tensors_device(backend, monkeypatch):
+    """Every kernel call of both ops, forward and backward, happens inside the device guard with
+    the tensors' device current (on one GPU the guard changes nothing, but its code runs; on the
+    CPU, under the interpreter, it is a no-op context)."""
+    device = device_of(backend)
+    kernels = uk.ops._depthwise_common.kernels(backend)
+    guarded = []
+    real_guard = _device_guard.on_device_of
+
+    @contextlib.contextmanager
+    def recording_guard(t):
+        with real_guard(t):
+            guarded.append(t.device)
+            yield
+            guarded.pop()
+
+    launches = []
+
+    def spy(name):
+        real = getattr(kernels, name)
+
+        def launcher(x5, *args, **kwargs):
+            current = torch.cuda.current_device() if x5.is_cuda else None
+            launches.append((name, bool(guarded) and guarded[-1] == x5.device,
+                             current in (None, x5.device.index)))
+            return real(x5, *args, **kwargs)
+        return launcher
+
+    monkeypatch.setattr(_device_guard, "on_device_of", recording_guard)
+    names = ("depthwise_conv_forward", "depthwise_conv_backward_weight", "pos_embed_norm_forward")
+    if backend == "triton":
+        for name in names:
+            monkeypatch.setattr(kernels, name, spy(name))
+    else:  # torch.ops namespaces are read-only: spy on the module attribute the ops look up
+        spied = types.SimpleNamespace(**{name: spy(name) for name in names})
+        monkeypatch.setattr(uk.ops._depthwise_common, "kernels", lambda b: spied)
+    x, weight, bias = make_inputs(2, 8, (5, 7), (3, 3), memory_format=torch.channels_last,
+                                  device=device)
+    check_depthwise(backend, x, weight, bias, residual=True)
+    check_pos_embed_norm(backend, x, weight, bias, "affine")
+    assert {name for name, _, _ in launches} == set(names)
+    assert all(inside and current for _, inside, current in launches), launches
+
+
 # ---- pos_embed_norm: parity ---------------------------------------------------------------------
 
 def check_pos_embed_norm(backend, x, weight, bias, norm, kind="norm"):
     tol = tolerance(x.dtype, kind)
     channels = x.shape[1]
     gen = torch.Generator().manual_seed(1)
-    norm_weight = (1 + 0.5 * torch.randn(channels, generator=gen)).to(x.dtype)
-    norm_bias = torch.randn(channels, generator=gen).to(x.dtype)
+    norm_weight = (1 + 0.5 * torch.randn(channels, generator=gen)).to(x.device, x.dtype)
+    norm_bias = torch.randn(channels, generator=gen).to(x.device, x.dtype)
     leaves = [t.detach().requires_grad_() for t in (x, weight, bias, norm_weight, norm_bias)]
     with uk.backend(backend):
         y, z = uk.ops.pos_embed_norm(*leaves, norm=norm, eps=1e-6)
@@ -216,15 +338,19 @@ def check_pos_embed_norm(backend, x, weight, bias, norm, kind="norm"):
 def test_pos_embed_norm_matches_float64(backend, norm, shape, fmt):
     memory_format = channels_last(len(shape)) if fmt else None
     x, weight, bias = make_inputs(shape[0], shape[1], shape[2:], (3,) * (len(shape) - 2),
-                                  memory_format=memory_format)
+                                  memory_format=memory_format, device=device_of(backend))
     check_pos_embed_norm(backend, x, weight, bias, norm)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_pos_embed_norm_float16(backend):
-    x, weight, bias = make_inputs(2, 24, (9, 7), (3, 3), dtype=torch.float16,
-                                  memory_format=torch.channels_last)
-    check_pos_embed_norm(backend, x, weight, bias, "layernorm")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_pos_embed_norm_other_dtypes(backend, dtype):
+    skip_unless_dtype_runs(backend, dtype)
+    for shape, norm in (((2, 24, 9, 7), "layernorm"), ((1, 19, 3, 4, 5), "affine")):
+        x, weight, bias = make_inputs(shape[0], shape[1], shape[2:], (3,) * (len(shape) - 2),
+                                      dtype=dtype, memory_format=channels_last(len(shape)),
+                                      device=device_of(backend))
+        check_pos_embed_norm(backend, x, weight, bias, norm)
 
 
 @pytest.mark.skipif(not _extension.loaded(), reason="uniformer_kernels._C not built")
@@ -248,9 +374,12 @@ def test_fold_batchnorm_equals_eval_batchnorm():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    x, weight, bias = make_inputs(2, 5, (5, 7), (3, 3), memory_format=torch.channels_last)
+    device = device_of(backend)
+    x, weight, bias = make_inputs(2, 5, (5, 7), (3, 3), memory_format=torch.channels_last,
+                                  device=device)
     x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()
-    norm_weight, norm_bias = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
+    norm_weight = torch.randn(5, device=device, requires_grad=True)
+    norm_bias = torch.randn(5, device=device, requires_grad=True)
     depthwise = importlib.import_module("uniformer_kernels.ops.depthwise")
     pos_embed_norm = importlib.import_module("uniformer_kernels.ops.pos_embed_norm")
     with uk.backend(backend):
@@ -282,13 +411,20 @@ def test_gradcheck_float64(backend):
                 lambda *t: uk.ops.pos_embed_norm(*t, norm=norm), inputs, fast_mode=True)
 
 
-@pytest.mark.slow
-def test_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("device,backend", [
+    pytest.param("cpu", None, marks=pytest.mark.slow),
+    pytest.param("cuda", None, marks=gpu_marks()),  # the automatic choice: triton
+    pytest.param("cuda", "cuda", marks=gpu_marks()),
+], ids=["cpu", "cuda-automatic", "cuda-forced-cuda"])
+def test_compile_fullgraph_forward_and_backward(device, backend):
     """Both ops inside one compiled function, no graph break, one compilation, same results."""
     torch._dynamo.reset()
-    x, weight, bias = make_inputs(2, 16, (7, 9), (3, 3), memory_format=torch.channels_last)
-    weight5 = torch.randn(16, 1, 5, 5) / 5
-    norm_weight, norm_bias = torch.randn(16), torch.randn(16)
+    if backend is not None:
+        device = device_of(backend)
+    x, weight, bias = make_inputs(2, 16, (7, 9), (3, 3), memory_format=torch.channels_last,
+                                  device=device)
+    weight5 = torch.randn(16, 1, 5, 5, device=device) / 5
+    norm_weight, norm_bias = torch.randn(16, device=device), torch.randn(16, device=device)
     leaves = [t.requires_grad_() for t in (x, weight, bias, weight5, norm_weight, norm_bias)]
 
     def block(x, weight, bias, weight5, norm_weight, norm_bias):
@@ -296,12 +432,14 @@ def test_compile_fullgraph_forward_and_backward():
         return y + uk.ops.depthwise_conv(z, weight5)
 
     compiled = torch.compile(block, fullgraph=True, backend="inductor")
-    with torch._dynamo.config.patch(recompile_limit=1):
+    forced = uk.backend(backend) if backend is not None else contextlib.nullcontext()
+    with torch._dynamo.config.patch(recompile_limit=1), forced:
         out = compiled(*leaves)
         grads = grads_of(out, leaves, torch.ones_like(out))
-    eager_out = block(*leaves)
+        eager_out = block(*leaves)
+        eager_grads = grads_of(eager_out, leaves, torch.ones_like(eager_out))
     assert_rel_close(out, eager_out.double(), 1e-6)
-    for got, want in zip(grads, grads_of(eager_out, leaves, torch.ones_like(eager_out))):
+    for got, want in zip(grads, eager_grads):
         assert_rel_close(got, want.double(), 1e-6)
 
 
@@ -311,7 +449,7 @@ def test_poisoned_memory_never_leaks_into_results():
     large buffers come from the perturbed heap too: an output element a kernel forgets to write,
     or a scratch buffer it forgets to zero, shows up as a huge error."""
     backends_here = ["eager"] + (["cpu"] if _extension.loaded() else []) + (
-        ["triton"] if triton_ready() else [])
+        ["triton"] if TRITON_DEVICE == "cpu" else [])  # malloc poisoning reaches CPU memory only
     script = textwrap.dedent(f"""
         import torch
         import uniformer_kernels as uk

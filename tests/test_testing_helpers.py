@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import uniformer_models as um
-from uniformer_kernels.testing import assert_rel_close, randomize_state_, rel_error, tolerance
+from uniformer_kernels import backends
+from uniformer_kernels.testing import (assert_rel_close, gpu_marks, randomize_state_, rel_error,
+                                       tolerance, triton_test_device, triton_test_dtypes)
 
 
 def test_rel_error_value():
@@ -56,3 +58,27 @@ def test_randomize_state_changes_every_floating_tensor():
     again = randomize_state_(um.create_model("uniformer_xxs"), seed=1)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                  again.state_dict().values()))
+
+
+def test_triton_tests_run_compiled_on_a_gpu_else_in_the_interpreter():
+    """The one decision every Triton test follows: CUDA when present (conftest leaves the
+    interpreter off there), else CPU tensors in the interpreter (conftest turns it on)."""
+    device, reason = triton_test_device()
+    if backends._import_triton()[0] is None:
+        assert device is None and "pip install triton" in reason
+    elif torch.cuda.is_available():
+        assert device == "cuda", reason
+        assert torch.bfloat16 in triton_test_dtypes(device)
+    else:
+        assert device == "cpu", reason
+        assert torch.bfloat16 not in triton_test_dtypes(device)  # the interpreter's bf16 dots
+    assert set(triton_test_dtypes("cuda")) == {torch.float32, torch.float16, torch.bfloat16,
+                                                torch.float64}
+
+
+def test_gpu_marks_say_what_is_missing():
+    marks = gpu_marks(min_devices=2)
+    assert marks[0].name == "gpu"
+    skip = marks[1]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert skip.args == (count < 2,) and f"found {count}" in skip.kwargs["reason"]

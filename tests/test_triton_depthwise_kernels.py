@@ -1,25 +1,24 @@
 """The Triton depthwise-conv launchers (uniformer_kernels/triton/depthwise.py) called directly,
 against float64 eager references: conv forward (and dx through it), weight/bias gradients, and
-positional encoding + norm. Without a GPU they run on CPU tensors in Triton's interpreter (slow),
-so the shapes are tiny but odd. Every buffer a launcher allocates with torch.empty is poisoned
+positional encoding + norm. With a GPU they run compiled on CUDA tensors (marked ``gpu``); without
+one on CPU tensors in Triton's interpreter (slow), so the shapes are tiny but odd. Every buffer a launcher allocates with torch.empty is poisoned
 with NaN, so an element a kernel fails to write fails the comparison.
 """
 import math
-import os
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("triton")
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+from uniformer_kernels.testing import assert_rel_close, tolerance, triton_test_device
 
-from uniformer_kernels.testing import assert_rel_close, tolerance  # noqa: E402
+DEVICE, _WHY_NOT = triton_test_device()  # "cuda" (compiled), "cpu" (interpreter) or None
+if DEVICE is None:
+    pytest.skip(f"the Triton kernels cannot run here: {_WHY_NOT}", allow_module_level=True)
+pytestmark = [pytest.mark.gpu] if DEVICE == "cuda" else []
+
 from uniformer_kernels.triton import depthwise as dw  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP64_TOL = 1e-12  # float64 in, float64 accumulation
 
 
@@ -230,7 +229,8 @@ def test_pos_embed_norm(shape, kernel_size, dtype, norm):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 is checked on a GPU only")
+@pytest.mark.skipif(DEVICE != "cuda", reason="bfloat16 is checked on a GPU only (the interpreter "
+                    "mishandles it)")
 @pytest.mark.parametrize("shape,kernel_size", [((2, 1, 56, 56, 64), (1, 3, 3)),
                                                ((2, 1, 28, 28, 56), (1, 5, 5)),
                                                ((1, 4, 14, 14, 320), (3, 3, 3))], ids=case_id)

@@ -1,4 +1,5 @@
-"""Helpers for parity tests and reports: relative errors that say where they are, random states.
+"""Helpers for parity tests and reports: relative errors that say where they are, random states,
+and where the Triton and GPU tests run.
 
 The numerical contract (DESIGN.md): compare against a float64 eager reference by
 ``||out - ref|| / ||ref||``; NaN never passes.
@@ -8,7 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["TOLERANCES", "tolerance", "rel_error", "assert_rel_close", "randomize_state_"]
+from . import backends
+
+__all__ = ["TOLERANCES", "tolerance", "rel_error", "assert_rel_close", "randomize_state_",
+           "triton_test_device", "triton_test_dtypes", "triton_marks", "gpu_marks"]
 
 # max relative error vs a float64 reference, by output dtype and kind of computation
 TOLERANCES = {
@@ -80,3 +84,49 @@ def randomize_state_(module: nn.Module, seed: int = 0) -> nn.Module:
             values = torch.randn(tensor.shape, generator=gen)
         tensor.copy_(values.to(tensor.dtype))
     return module
+
+
+# ---- where the Triton and GPU tests run ----------------------------------------------------------
+
+def triton_test_device() -> tuple[str | None, str]:
+    """(device, why not) for the Triton backend's tests, decided once for every test file.
+
+    "cpu" when Triton's interpreter is on (TRITON_INTERPRET=1 before the kernels were imported:
+    tests/conftest.py sets it when there is no GPU); else "cuda" when Triton can compile for a
+    CUDA GPU here; else None and the reason.
+    """
+    cpu_ok, cpu_reason = backends.available_backends("cpu")["triton"]
+    if cpu_ok:
+        return "cpu", ""
+    if torch.cuda.is_available():
+        cuda_ok, cuda_reason = backends.available_backends("cuda")["triton"]
+        return ("cuda", "") if cuda_ok else (None, cuda_reason)
+    return None, cpu_reason
+
+
+def triton_test_dtypes(device: str | None) -> tuple[torch.dtype, ...]:
+    """The dtypes the Triton tests run in on ``device``: all four compiled; no bfloat16 in the
+    interpreter, whose bfloat16 dots are wrong (DESIGN.md, "Testing without a GPU")."""
+    if device == "cuda":
+        return (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    return (torch.float32, torch.float16, torch.float64)
+
+
+def gpu_marks(min_devices: int = 1) -> list:
+    """pytest marks of a test that needs CUDA (``min_devices`` GPUs): ``gpu``, and a skip saying
+    what is missing."""
+    import pytest  # test-only dependency
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    reason = ("needs a CUDA GPU" if min_devices == 1 else
+              f"needs {min_devices} CUDA GPUs, found {count}")
+    return [pytest.mark.gpu, pytest.mark.skipif(count < min_devices, reason=reason)]
+
+
+def triton_marks() -> list:
+    """pytest marks of a Triton-backend test: skipped (with the reason) where Triton cannot run,
+    ``gpu`` where it runs compiled on CUDA, none in the interpreter."""
+    import pytest
+    device, reason = triton_test_device()
+    if device is None:
+        return [pytest.mark.skip(reason=f"the triton backend cannot run here: {reason}")]
+    return [pytest.mark.gpu] if device == "cuda" else []

@@ -45,6 +45,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _extension, backends
+from . import _device_guard
 from ._direct_call import may_skip_dispatch
 
 MAX_HEAD_DIM = 128
@@ -403,8 +404,9 @@ def _cpu_backward(grad_out, grad_cls_probs, qkv, qkv_bias, out, lse, cls_probs, 
 def _triton_forward(qkv, qkv_bias, num_heads, scale, window, return_cls_attn):
     from ..triton import attention as kernels  # imported here: the package works without Triton
     out, lse, cls_probs = _empty_outputs(qkv, num_heads, window, return_cls_attn)
-    kernels.attention_forward(qkv, qkv_bias, out, lse, cls_probs if return_cls_attn else None,
-                              num_heads=num_heads, scale=scale, window=window)
+    with _device_guard.on_device_of(qkv):
+        kernels.attention_forward(qkv, qkv_bias, out, lse, cls_probs if return_cls_attn else None,
+                                  num_heads=num_heads, scale=scale, window=window)
     return out, lse, cls_probs
 
 
@@ -413,9 +415,10 @@ def _triton_backward(grad_out, grad_cls_probs, qkv, qkv_bias, out, lse, cls_prob
     from ..triton import attention as kernels
     grad_qkv = torch.empty_like(qkv)
     grad_bias = qkv.new_empty(0 if qkv_bias is None else qkv.shape[-1])
-    kernels.attention_backward(grad_out, grad_cls_probs, qkv, qkv_bias, out, lse, cls_probs,
-                               grad_qkv, None if qkv_bias is None else grad_bias,
-                               num_heads=num_heads, scale=scale, window=window)
+    with _device_guard.on_device_of(qkv):
+        kernels.attention_backward(grad_out, grad_cls_probs, qkv, qkv_bias, out, lse, cls_probs,
+                                   grad_qkv, None if qkv_bias is None else grad_bias,
+                                   num_heads=num_heads, scale=scale, window=window)
     return grad_qkv, grad_bias
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _depthwise_common as common
+from . import _device_guard
 from ._direct_call import may_skip_dispatch
 
 
@@ -54,11 +55,12 @@ def _depthwise_conv_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         return y.to(x.dtype)
     kernels = common.kernels(backend)
     acc = common.accumulation_dtype(x.dtype)
-    y5 = kernels.depthwise_conv_forward(
-        common.to_channels_last_5d(x),
-        common.weight_to_kernel_layout(weight, acc),
-        None if bias is None else bias.to(acc).contiguous(),
-        residual)
+    with _device_guard.on_device_of(x):
+        y5 = kernels.depthwise_conv_forward(
+            common.to_channels_last_5d(x),
+            common.weight_to_kernel_layout(weight, acc),
+            None if bias is None else bias.to(acc).contiguous(),
+            residual)
     return common.from_channels_last_5d(y5.to(x.dtype), x)
 
 
@@ -96,24 +98,32 @@ def _depthwise_conv_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torc
                 grad_y.float(), x.float(), weight.float(), residual, output_mask)
             grad_x, grad_weight, grad_bias = (g.to(x.dtype) for g in grads)
     else:
-        kernels = common.kernels(backend)
-        acc = common.accumulation_dtype(x.dtype)
-        grad_y5 = common.to_channels_last_5d(grad_y)
-        grad_x = grad_weight = grad_bias = None
-        if need_x:
-            flipped = common.weight_to_kernel_layout(weight, acc).flip(0, 1, 2).contiguous()
-            grad_x5 = kernels.depthwise_conv_forward(grad_y5, flipped, None, residual)
-            grad_x = common.from_channels_last_5d(grad_x5.to(x.dtype), x)
-        if need_weight or need_bias:
-            x5 = common.to_channels_last_5d(x)
-            grad_w5, grad_b = kernels.depthwise_conv_backward_weight(
-                grad_y5, x5, common.kernel_size_5d(tuple(weight.shape[2:])),
-                torch.are_deterministic_algorithms_enabled())
-            grad_weight = common.weight_from_kernel_layout(grad_w5, weight)
-            grad_bias = grad_b.to(x.dtype)
+        with _device_guard.on_device_of(x):
+            grad_x, grad_weight, grad_bias = _kernel_backward(backend, grad_y, x, weight, residual,
+                                                              need_x, need_weight or need_bias)
     # A fresh empty tensor per skipped gradient: a custom op may not return one tensor twice.
     return (grad_x if need_x else x.new_empty(0), grad_weight if need_weight else x.new_empty(0),
             grad_bias if need_bias else x.new_empty(0))
+
+
+def _kernel_backward(backend, grad_y, x, weight, residual, need_x, need_weight_or_bias):
+    """(grad_x, grad_weight, grad_bias) from the triton or cuda kernels; None where not needed."""
+    kernels = common.kernels(backend)
+    acc = common.accumulation_dtype(x.dtype)
+    grad_y5 = common.to_channels_last_5d(grad_y)
+    grad_x = grad_weight = grad_bias = None
+    if need_x:
+        flipped = common.weight_to_kernel_layout(weight, acc).flip(0, 1, 2).contiguous()
+        grad_x5 = kernels.depthwise_conv_forward(grad_y5, flipped, None, residual)
+        grad_x = common.from_channels_last_5d(grad_x5.to(x.dtype), x)
+    if need_weight_or_bias:
+        x5 = common.to_channels_last_5d(x)
+        grad_w5, grad_b = kernels.depthwise_conv_backward_weight(
+            grad_y5, x5, common.kernel_size_5d(tuple(weight.shape[2:])),
+            torch.are_deterministic_algorithms_enabled())
+        grad_weight = common.weight_from_kernel_layout(grad_w5, weight)
+        grad_bias = grad_b.to(x.dtype)
+    return grad_x, grad_weight, grad_bias
 
 
 @_depthwise_conv_backward.register_fake

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _depthwise_common as common
+from . import _device_guard
 from ._direct_call import may_skip_dispatch
 from .depthwise import _depthwise_conv_backward, eager_depthwise_conv
 
@@ -85,10 +86,11 @@ def _pos_embed_norm_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             *(t.float() for t in tensors), norm, eps)
         return y.to(x.dtype), z.to(x.dtype), mean, rstd
     kernels = common.kernels(backend)
-    y5, z5, mean, rstd = kernels.pos_embed_norm_forward(
-        common.to_channels_last_5d(x),
-        common.weight_to_kernel_layout(weight, acc),
-        *(t.to(acc).contiguous() for t in (bias, norm_weight, norm_bias)), norm, eps)
+    with _device_guard.on_device_of(x):
+        y5, z5, mean, rstd = kernels.pos_embed_norm_forward(
+            common.to_channels_last_5d(x),
+            common.weight_to_kernel_layout(weight, acc),
+            *(t.to(acc).contiguous() for t in (bias, norm_weight, norm_bias)), norm, eps)
     return (common.from_channels_last_5d(y5.to(x.dtype), x),
             common.from_channels_last_5d(z5.to(x.dtype), x), mean.to(acc), rstd.to(acc))
 
