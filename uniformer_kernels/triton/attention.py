@@ -27,10 +27,13 @@ row 0 (the class token), and the backward takes their gradient.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ._plan import LaunchPlan
 
 __all__ = ["attention_forward", "attention_backward"]
 
@@ -38,19 +41,27 @@ __all__ = ["attention_forward", "attention_backward"]
 _LOG2E = tl.constexpr(math.log2(math.e))
 _LN2 = tl.constexpr(math.log(2.0))
 
-# ---- block sizes (not yet tuned on a GPU) -------------------------------------------------------
-# Forward: 64 x 64 score tiles. Backward: one block size for the key and query blocks, since a
-# program computes dk/dv of key block i and then dq of query block i; halved at head_dim 128, where
-# its (block, head_dim) tiles (q, k, v, do, dk, dv) would crowd the registers.
-_FORWARD_BLOCK = 64
+# ---- block sizes (not yet tuned on a GPU; sized so that ptxas spills nothing, bench/gpu_static.py)
+# Forward: BLOCK_M x BLOCK_N score tiles. Backward: one block size for the key and query blocks,
+# since a program computes dk/dv of key block i and then dq of query block i. 16-bit inputs take
+# 64-row tiles (32 at head_dim 128, where the backward's six (block, head_dim) tiles crowd the
+# registers). float32 runs its dots as 3xTF32 (three products on split operands) and float64 as
+# FMA loops: at 64-row tiles both spilled kilobytes on sm_80 (forward) and sm_80/sm_90 (backward),
+# so they take 32-row forward tiles on 8 warps and 16-row backward tiles.
 
 
-def _backward_block(block_d: int) -> int:
-    return 64 if block_d <= 64 else 32
+class _Tiles(NamedTuple):
+    forward_block: int
+    forward_warps: int
+    backward_block: int
+    backward_warps: int
 
 
-def _num_warps(block_d: int) -> int:
-    return 4 if block_d <= 64 else 8
+def _tiles(dtype: torch.dtype, block_d: int) -> _Tiles:
+    warps = 4 if block_d <= 64 else 8
+    if dtype in (torch.float32, torch.float64):
+        return _Tiles(32, 8, 16, warps)
+    return _Tiles(64, warps, 64 if block_d <= 64 else 32, 8)
 
 
 # ---- kernels ------------------------------------------------------------------------------------
@@ -335,17 +346,28 @@ def attention_forward(qkv: torch.Tensor, qkv_bias: torch.Tensor | None, out: tor
     ``window``: None, or (window_size, grid_h, grid_w) for a (B, grid_h * grid_w, 3C) qkv;
     ``qkv_bias`` (3C,) fills window padding (None: zeros).
     """
+    forward_plan(qkv, qkv_bias, out, lse, cls_probs, num_heads=num_heads, scale=scale,
+                 window=window).launch()
+
+
+def forward_plan(qkv: torch.Tensor, qkv_bias: torch.Tensor | None, out: torch.Tensor,
+                 lse: torch.Tensor, cls_probs: torch.Tensor | None, *, num_heads: int,
+                 scale: float, window: tuple[int, int, int] | None) -> LaunchPlan:
+    """The launch of attention_forward."""
     num_seq, seq_len, layout = _sequences(qkv, window)
     head_dim = qkv.shape[-1] // (3 * num_heads)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    grid = (num_seq * num_heads, triton.cdiv(seq_len, _FORWARD_BLOCK))
-    _forward_kernel[grid](
-        qkv, qkv_bias, out, lse, cls_probs, *layout, *_strides(qkv), *_strides(out),
-        scale * _LOG2E.value,
-        HEADS=num_heads, HEAD_DIM=head_dim, WINDOW=window is not None,
-        HAS_BIAS=qkv_bias is not None, RETURN_CLS=cls_probs is not None,
-        PRECISION=_precision(qkv.dtype), BLOCK_M=_FORWARD_BLOCK, BLOCK_N=_FORWARD_BLOCK,
-        BLOCK_D=block_d, num_warps=_num_warps(block_d), num_stages=2)
+    tiles = _tiles(qkv.dtype, block_d)
+    grid = (num_seq * num_heads, triton.cdiv(seq_len, tiles.forward_block))
+    return LaunchPlan(
+        "attention.fwd", _forward_kernel, grid,
+        (qkv, qkv_bias, out, lse, cls_probs, *layout, *_strides(qkv), *_strides(out),
+         scale * _LOG2E.value),
+        dict(HEADS=num_heads, HEAD_DIM=head_dim, WINDOW=window is not None,
+             HAS_BIAS=qkv_bias is not None, RETURN_CLS=cls_probs is not None,
+             PRECISION=_precision(qkv.dtype), BLOCK_M=tiles.forward_block,
+             BLOCK_N=tiles.forward_block, BLOCK_D=block_d),
+        num_warps=tiles.forward_warps, num_stages=2)
 
 
 def attention_backward(grad_out: torch.Tensor, grad_cls_probs: torch.Tensor | None,
@@ -356,31 +378,53 @@ def attention_backward(grad_out: torch.Tensor, grad_cls_probs: torch.Tensor | No
     """Writes ``grad_qkv`` (qkv's shape) and, with a bias, ``grad_bias`` (3C,): the gradient that
     reaches the bias through the window padding tokens (its q third is 0: padding queries are
     cropped). ``grad_cls_probs`` (S, H, L) is the gradient of ``cls_probs``, or None."""
+    delta_plan, backward_plan, delta, grad_cls_probs, grad_bias_parts = backward_plans(
+        grad_out, grad_cls_probs, qkv, qkv_bias, out, lse, grad_qkv, num_heads=num_heads,
+        scale=scale, window=window)
+    delta_plan.launch()
+    if grad_cls_probs is not None:
+        delta[:, :, 0] += (cls_probs * grad_cls_probs).sum(-1)
+    backward_plan.launch()
+    if qkv_bias is not None:
+        channels = qkv.shape[-1] // 3
+        grad_bias[:channels].zero_()
+        grad_bias[channels:].copy_(grad_bias_parts.sum(0))
+
+
+def backward_plans(grad_out: torch.Tensor, grad_cls_probs: torch.Tensor | None,
+                   qkv: torch.Tensor, qkv_bias: torch.Tensor | None, out: torch.Tensor,
+                   lse: torch.Tensor, grad_qkv: torch.Tensor, *, num_heads: int, scale: float,
+                   window: tuple[int, int, int] | None
+                   ) -> tuple[LaunchPlan, LaunchPlan, torch.Tensor, torch.Tensor | None,
+                              torch.Tensor | None]:
+    """The two launches of attention_backward (delta, then the gradients) and the buffers they
+    share with it: delta, grad_cls_probs in the accumulation dtype (or None) and grad_bias_parts
+    (None without a bias)."""
     num_seq, seq_len, layout = _sequences(qkv, window)
     channels = qkv.shape[-1] // 3
     head_dim = channels // num_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block = _backward_block(block_d)
+    tiles = _tiles(qkv.dtype, block_d)
+    block = tiles.backward_block
     blocks = triton.cdiv(seq_len, block)
     delta = torch.empty(num_seq, num_heads, seq_len, device=qkv.device, dtype=lse.dtype)
-    _delta_kernel[(num_seq * num_heads, blocks)](
-        out, grad_out, delta, *layout, *_strides(out), *_strides(grad_out),
-        HEADS=num_heads, HEAD_DIM=head_dim, WINDOW=window is not None, BLOCK_M=block,
-        BLOCK_D=block_d, num_warps=_num_warps(block_d))
+    delta_plan = LaunchPlan(
+        "attention.delta", _delta_kernel, (num_seq * num_heads, blocks),
+        (out, grad_out, delta, *layout, *_strides(out), *_strides(grad_out)),
+        dict(HEADS=num_heads, HEAD_DIM=head_dim, WINDOW=window is not None, BLOCK_M=block,
+             BLOCK_D=block_d), num_warps=4 if block_d <= 64 else 8)
     if grad_cls_probs is not None:
         grad_cls_probs = grad_cls_probs.to(lse.dtype).contiguous()
-        delta[:, :, 0] += (cls_probs * grad_cls_probs).sum(-1)
     grad_bias_parts = None
     if qkv_bias is not None:
         grad_bias_parts = torch.empty(num_seq * blocks, 2 * channels, device=qkv.device,
                                       dtype=lse.dtype)
-    _backward_kernel[(num_seq * num_heads, blocks)](
-        qkv, qkv_bias, grad_out, lse, delta, grad_cls_probs, grad_qkv, grad_bias_parts, *layout,
-        *_strides(qkv), *_strides(grad_out), *_strides(grad_qkv), scale, scale * _LOG2E.value,
-        HEADS=num_heads, HEAD_DIM=head_dim, WINDOW=window is not None,
-        HAS_BIAS=qkv_bias is not None, HAS_CLS_GRAD=grad_cls_probs is not None,
-        PRECISION=_precision(qkv.dtype), BLOCK=block, BLOCK_D=block_d,
-        num_warps=_num_warps(block_d), num_stages=2)
-    if qkv_bias is not None:
-        grad_bias[:channels].zero_()
-        grad_bias[channels:].copy_(grad_bias_parts.sum(0))
+    backward_plan = LaunchPlan(
+        "attention.bwd", _backward_kernel, (num_seq * num_heads, blocks),
+        (qkv, qkv_bias, grad_out, lse, delta, grad_cls_probs, grad_qkv, grad_bias_parts, *layout,
+         *_strides(qkv), *_strides(grad_out), *_strides(grad_qkv), scale, scale * _LOG2E.value),
+        dict(HEADS=num_heads, HEAD_DIM=head_dim, WINDOW=window is not None,
+             HAS_BIAS=qkv_bias is not None, HAS_CLS_GRAD=grad_cls_probs is not None,
+             PRECISION=_precision(qkv.dtype), BLOCK=block, BLOCK_D=block_d),
+        num_warps=tiles.backward_warps, num_stages=2)
+    return delta_plan, backward_plan, delta, grad_cls_probs, grad_bias_parts

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._plan import LaunchPlan
+
 __all__ = ["depthwise_conv_forward", "depthwise_conv_backward_weight", "pos_embed_norm_forward"]
 
 # ---- block-size heuristics (tune on a GPU here) --------------------------------------------------
@@ -33,10 +35,11 @@ _CONV_TILE_ELEMENTS = 1024
 _CONV_MAX_BLOCK_W = 32
 _CONV_NUM_WARPS = 4
 # pos_embed_norm tiles hold all channels of a pixel (the LayerNorm reduction is in the tile), so
-# wide C leaves room for few pixels: up to 4096 elements, at most 16 per thread.
+# wide C leaves room for few pixels: up to 4096 elements, at most 8 per thread (16 spilled in
+# float32 at C = 256 on sm_80, bench/gpu_static.py).
 _NORM_TILE_ELEMENTS = 4096
 _NORM_MAX_BLOCK_W = 16
-_NORM_ELEMENTS_PER_THREAD = 16
+_NORM_ELEMENTS_PER_THREAD = 8
 # Weight gradient split: about this many programs (several waves of an H100's 132 SMs) ...
 _WEIGHT_GRAD_TARGET_PROGRAMS = 1024
 # ... each reducing at least this many pixels per tap, so the per-program partial sums
@@ -281,14 +284,23 @@ def depthwise_conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     y = torch.empty_like(x)
     if y.numel() == 0:
         return y
+    forward_plan(x, weight, bias, y, residual).launch()
+    return y
+
+
+def forward_plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
+                 residual: bool) -> LaunchPlan:
+    """The launch of depthwise_conv_forward on checked, non-empty arguments."""
+    kd, kh, kw = weight.shape[:3]
+    n, d, h, w, c = x.shape
     block_w, block_c = _conv_blocks(w, c)
     c_vec = _channel_vector(c)
     grid = (n * d * h * triton.cdiv(w, block_w), triton.cdiv(c, block_c))
-    _forward_kernel[grid](
-        x, weight, bias if bias is not None else weight, y, d, h, w, c // c_vec,
-        KD=kd, KH=kh, KW=kw, HAS_BIAS=bias is not None, RESIDUAL=bool(residual),
-        C_VEC=c_vec, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_CONV_NUM_WARPS)
-    return y
+    return LaunchPlan(
+        "depthwise.fwd", _forward_kernel, grid,
+        (x, weight, bias if bias is not None else weight, y, d, h, w, c // c_vec),
+        dict(KD=kd, KH=kh, KW=kw, HAS_BIAS=bias is not None, RESIDUAL=bool(residual),
+             C_VEC=c_vec, BLOCK_W=block_w, BLOCK_C=block_c), num_warps=_CONV_NUM_WARPS)
 
 
 def depthwise_conv_backward_weight(grad_y: torch.Tensor, x: torch.Tensor, kernel_size,
@@ -304,11 +316,26 @@ def depthwise_conv_backward_weight(grad_y: torch.Tensor, x: torch.Tensor, kernel
              f"grad_y must be contiguous and match x ({tuple(x.shape)}, {x.dtype}, {x.device}), got "
              f"{tuple(grad_y.shape)}, {grad_y.dtype}, {grad_y.device}")
     kd, kh, kw = _check_kernel_size(kernel_size)
+    c = x.shape[4]
+    acc = _accumulation_dtype(x.dtype)
+    if x.numel() == 0:
+        return x.new_zeros((kd, kh, kw, c), dtype=acc), x.new_zeros((c,), dtype=acc)
+    plan, grad_w, grad_b = weight_grad_plan(grad_y, x, (kd, kh, kw), deterministic)
+    plan.launch()
+    if deterministic:
+        grad_w, grad_b = grad_w.sum(0), grad_b.sum(0)
+    return grad_w.view(kd, kh, kw, c), grad_b
+
+
+def weight_grad_plan(grad_y: torch.Tensor, x: torch.Tensor, kernel_size: tuple[int, int, int],
+                     deterministic: bool) -> tuple[LaunchPlan, torch.Tensor, torch.Tensor]:
+    """The launch of depthwise_conv_backward_weight on checked, non-empty arguments, with the
+    buffers it writes: (chunks, TAPS, C) / (chunks, C) partial sums when deterministic, else the
+    zeroed (TAPS, C) / (C,) sums."""
+    kd, kh, kw = kernel_size
     n, d, h, w, c = x.shape
     acc = _accumulation_dtype(x.dtype)
     taps, rows = kd * kh * kw, n * d * h
-    if x.numel() == 0:
-        return x.new_zeros((kd, kh, kw, c), dtype=acc), x.new_zeros((c,), dtype=acc)
     block_w, block_c = _conv_blocks(w, c)
     c_blocks = triton.cdiv(c, block_c)
     rows_per_chunk = max(triton.cdiv(rows * c_blocks, _WEIGHT_GRAD_TARGET_PROGRAMS),
@@ -321,13 +348,12 @@ def depthwise_conv_backward_weight(grad_y: torch.Tensor, x: torch.Tensor, kernel
     else:
         grad_w = torch.zeros((taps, c), dtype=acc, device=x.device)
         grad_b = torch.zeros((c,), dtype=acc, device=x.device)
-    _weight_grad_kernel[(chunks, c_blocks)](
-        grad_y, x, grad_w, grad_b, rows, d, h, w, c // _channel_vector(c), rows_per_chunk,
-        KD=kd, KH=kh, KW=kw, ATOMIC=not deterministic, C_VEC=_channel_vector(c),
-        BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_CONV_NUM_WARPS)
-    if deterministic:
-        grad_w, grad_b = grad_w.sum(0), grad_b.sum(0)
-    return grad_w.view(kd, kh, kw, c), grad_b
+    plan = LaunchPlan(
+        "depthwise.dw", _weight_grad_kernel, (chunks, c_blocks),
+        (grad_y, x, grad_w, grad_b, rows, d, h, w, c // _channel_vector(c), rows_per_chunk),
+        dict(KD=kd, KH=kh, KW=kw, ATOMIC=not deterministic, C_VEC=_channel_vector(c),
+             BLOCK_W=block_w, BLOCK_C=block_c), num_warps=_CONV_NUM_WARPS)
+    return plan, grad_w, grad_b
 
 
 def pos_embed_norm_forward(
@@ -356,12 +382,22 @@ def pos_embed_norm_forward(
     rstd = torch.empty((pixels,), dtype=acc, device=x.device)
     if x.numel() == 0:
         return y, z, mean, rstd
+    pos_embed_norm_plan(x, weight, bias, norm_weight, norm_bias, y, z, mean, rstd, layer_norm,
+                        eps).launch()
+    return y, z, mean, rstd
+
+
+def pos_embed_norm_plan(x, weight, bias, norm_weight, norm_bias, y, z, mean, rstd,
+                        layer_norm: bool, eps: float) -> LaunchPlan:
+    """The launch of pos_embed_norm_forward on checked, non-empty arguments."""
+    kd, kh, kw = weight.shape[:3]
+    n, d, h, w, c = x.shape
     block_w, block_c, num_warps = _norm_blocks(w, c)
     grid = (n * d * h * triton.cdiv(w, block_w),)
     # the mean/rstd pointers are never read for norm 1: y stands in for the empty tensors
-    _pos_embed_norm_kernel[grid](
-        x, weight, bias, norm_weight, norm_bias, y, z,
-        mean if layer_norm else y, rstd if layer_norm else y, d, h, w, c // _channel_vector(c),
-        float(eps), KD=kd, KH=kh, KW=kw, LAYER_NORM=layer_norm, C_VEC=_channel_vector(c),
-        BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps)
-    return y, z, mean, rstd
+    return LaunchPlan(
+        "pos_embed_norm.fwd", _pos_embed_norm_kernel, grid,
+        (x, weight, bias, norm_weight, norm_bias, y, z, mean if layer_norm else y,
+         rstd if layer_norm else y, d, h, w, c // _channel_vector(c), float(eps)),
+        dict(KD=kd, KH=kh, KW=kw, LAYER_NORM=layer_norm, C_VEC=_channel_vector(c),
+             BLOCK_W=block_w, BLOCK_C=block_c), num_warps=num_warps)
