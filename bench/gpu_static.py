@@ -294,8 +294,8 @@ def triton_jobs(plans, scope: str = "full", dtypes=None, archs=None) -> list[Tri
     # suffix that says which runtime arguments are specialised
     out, seen = [], {}
     for job in jobs.values():
-        n = seen.get((job.label, job.arch), 0)
-        seen[(job.label, job.arch)] = n + 1
+        n = seen.get((job.label, job.dtype, job.arch), 0)
+        seen[(job.label, job.dtype, job.arch)] = n + 1
         out.append(job if n == 0 else replace(job, label=f"{job.label}#{n + 1}"))
     return out
 
@@ -384,7 +384,8 @@ def _demangle(names: list[str]) -> list[str]:
 def _short_cuda_name(demangled: str) -> str:
     """``void depthwise_forward_kernel<Size<3, 3, 3>, 4, float, int>(...)`` -> the name and its
     template arguments without the parameter list, anonymous namespaces and spaces."""
-    name = demangled.removeprefix("void ")
+    name = demangled.removeprefix("void ").replace("(anonymous namespace)::", "")
+    name = name.replace("uniformer_kernels::cuda::", "")
     depth, end = 0, len(name)
     for i, ch in enumerate(name):  # cut the parameter list: the first '(' outside <...>
         if ch == "<":
@@ -394,8 +395,7 @@ def _short_cuda_name(demangled: str) -> str:
         elif ch == "(" and depth == 0:
             end = i
             break
-    name = name[:end].replace("(anonymous namespace)::", "").replace(" ", "")
-    return name
+    return name[:end].replace(" ", "")
 
 
 def _cuda_dtype(short_name: str) -> str:
