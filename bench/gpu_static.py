@@ -493,7 +493,22 @@ def versions(nvcc: str | None) -> dict:
     return out
 
 
-def to_markdown(rows: list[dict], meta: dict) -> str:
+def row_key(row: dict) -> str:
+    """How a row is named in a known-spills file: kernel | dtype | arch."""
+    return f"{row['kernel']} | {row['dtype']} | {row['arch']}"
+
+
+def read_known_spills(path: str | None) -> set[str]:
+    """The rows whose spills are known defects (one row_key per line, '#' comments): they are
+    reported as open, not failed, so CI stops any new spill while these are fixed. Only spills
+    can be listed; a compile failure or a shared-memory overflow always fails."""
+    if path is None:
+        return set()
+    lines = Path(path).read_text().splitlines()
+    return {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+
+
+def to_markdown(rows: list[dict], meta: dict, known: set[str]) -> str:
     lines = [f"# GPU static check (ahead-of-time compile, no GPU): triton {meta['triton']}"
              + (f", nvcc {meta['nvcc']}" if "nvcc" in meta else ""), "",
              f"Command: `{meta['command']}` (torch {meta['torch']}, Python {meta['python']}). "
@@ -502,9 +517,21 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
              "|---|---|---|---|---|--:|--:|--:|---|"]
     for r in rows:
         lines.append(f"| `{r['kernel']}` | {r['source']} | {r['dtype']} | {r['arch']} | "
-                     f"{'yes' if r['ok'] and not row_failures(r) else 'NO'} | {r['regs']} | "
+                     f"{_verdict(r, known)} | {r['regs']} | "
                      f"{r['spills']} | {r['shared_bytes']} | {r['error'] or ''} |")
     return "\n".join(lines) + "\n"
+
+
+def _verdict(row: dict, known: set[str]) -> str:
+    why = row_failures(row)
+    if not why:
+        return "yes"
+    return "NO (known spill, open)" if _is_known_spill(row, known) else "NO"
+
+
+def _is_known_spill(row: dict, known: set[str]) -> bool:
+    why = row_failures(row)
+    return bool(why) and row_key(row) in known and all("spills" in w for w in why)
 
 
 def main(argv=None) -> int:
@@ -519,7 +546,10 @@ def main(argv=None) -> int:
                          "head counts included); configs: one per kernel configuration")
     ap.add_argument("--dtypes", default="fp32,fp16,bf16,fp64", help="comma-separated subset")
     ap.add_argument("--archs", default="sm_80,sm_90", help="comma-separated subset")
+    ap.add_argument("--known-spills", help="file of rows (kernel | dtype | arch) whose spills are "
+                                           "known open defects: reported, not failed")
     args = ap.parse_args(argv)
+    known = read_known_spills(args.known_spills)
     start = time.monotonic()
 
     plans = all_plans()
@@ -543,11 +573,14 @@ def main(argv=None) -> int:
               f"{time.monotonic() - cuda_start:.0f} s", flush=True)
         rows += sorted(cuda_rows, key=lambda r: (r["kernel"], r["arch"]))
 
-    failures = [(r, why) for r in rows for why in row_failures(r)]
+    failures = [(r, why) for r in rows if not _is_known_spill(r, known) for why in row_failures(r)]
+    open_spills = [r for r in rows if _is_known_spill(r, known)]
+    fixed = sorted(known - {row_key(r) for r in open_spills})
     elapsed = time.monotonic() - start
     summary = (f"{len(rows)} rows ({sum(r['source'] == 'triton' for r in rows)} Triton from "
                f"{len(plans)} launch plans, {sum(r['source'] == 'cuda' for r in rows)} CUDA); "
-               f"{len(failures) + len(grid_bad)} failures; {elapsed:.0f} s with {args.jobs} "
+               f"{len(failures) + len(grid_bad)} failures, {len(open_spills)} known spills "
+               f"still open; {elapsed:.0f} s with {args.jobs} "
                f"processes.")
     meta = versions(nvcc) | {"command": "python -m bench.gpu_static " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:])), "summary": summary}
@@ -555,12 +588,17 @@ def main(argv=None) -> int:
     Path(args.json).write_text(json.dumps({"meta": meta, "grid_errors": grid_bad, "rows": rows},
                                           indent=1) + "\n")
     partial.unlink(missing_ok=True)
-    table = to_markdown(rows, meta)
+    table = to_markdown(rows, meta, known)
     if args.md:
         Path(args.md).write_text(table)
     print(table)
     for r, why in failures:
         print(f"[gpu-static] FAIL {r['kernel']} {r['dtype']} {r['arch']}: {why}")
+    for r in open_spills:
+        print(f"[gpu-static] KNOWN SPILL (open) {row_key(r)}: {r['spills']} bytes")
+    for key in fixed:
+        print(f"[gpu-static] not spilling (or not compiled) in this run, remove it from "
+              f"{args.known_spills} if fixed: {key}")
     for g in grid_bad:
         print(f"[gpu-static] FAIL grid over CUDA's limits: {g}")
     print(f"[gpu-static] {summary}")

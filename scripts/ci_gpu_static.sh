@@ -2,9 +2,11 @@
 # CI: the ahead-of-time GPU check (bench/gpu_static.py) under the main venv's Triton (.venv, the
 # newest) and under Triton 3.6 (the GPU machine's) in a second venv, plus the Triton interpreter
 # tests under 3.6. No GPU needed. Run from the repository root after `make test` made .venv.
-#   GPU_STATIC_ARGS   the check's scope (default: one compile per kernel configuration, fp32 and
-#                     bf16, sm_80 and sm_90 under the newest Triton; sm_90 under 3.6) - the full
-#                     set (`--scope full`, all four dtypes) is ~1500 compiles, too long for CI
+#   GPU_STATIC_ARGS   the check's scope (default: one compile per kernel configuration, all four
+#                     dtypes, sm_80 and sm_90, under both Triton versions: ~700 compiles each, ~5 min
+#                     on 2 quiet cores) - the full set (`--scope full`) is ~1500 compiles
+# Spills listed in bench/results/gpu-static/known_spills.txt are reported as open defects, not
+# failures; any other spill, any compile failure and any shared-memory overflow fails the run.
 #   VENV36            the Triton 3.6 venv (default .venv-triton36, reused when present)
 #   NVCC              nvcc for the CUDA rows (default /usr/local/cuda-13.0/bin/nvcc)
 set -euo pipefail
@@ -20,7 +22,8 @@ export TRITON_DEFAULT_FP_FUSION=1  # Triton's default, stated (3.9 warns when it
 
 log "AOT check, $(.venv/bin/python -c 'import triton; print("triton", triton.__version__)')"
 .venv/bin/python -m bench.gpu_static --json "$out/newest.json" --md "$out/newest.md" --nvcc "$NVCC" \
-    ${GPU_STATIC_ARGS:---scope configs --dtypes fp32,bf16} | grep -v '^|'
+    --known-spills bench/results/gpu-static/known_spills.txt ${GPU_STATIC_ARGS:---scope configs} \
+    | grep -v '^|'
 
 if [[ ! -x $VENV36/bin/python ]]; then
     log "creating $VENV36 (torch 2.13.0 CPU, triton 3.6.0, numpy<2.3, pytest)"
@@ -34,9 +37,12 @@ ln -sfn "$PWD/models" "$VENV36/src/uniformer_models"
 export PYTHONPATH=$PWD:$PWD/$VENV36/src${PYTHONPATH:+:$PYTHONPATH}
 log "AOT check, $("$VENV36/bin/python" -c 'import triton; print("triton", triton.__version__)')"
 "$VENV36/bin/python" -m bench.gpu_static --json "$out/triton36.json" --md "$out/triton36.md" --no-cuda \
-    ${GPU_STATIC_ARGS:---scope configs --dtypes fp32,bf16 --archs sm_90} | grep -v '^|'
+    --known-spills bench/results/gpu-static/known_spills.txt ${GPU_STATIC_ARGS:---scope configs} \
+    | grep -v '^|'
 
+# The kernels' own tests and the attention op's Triton cases; the depthwise ops' Triton cases
+# (tests/test_depthwise.py -k triton, ~4 min more) run under the newest Triton in make test only.
 log "Triton interpreter tests under triton 3.6"
 TRITON_INTERPRET=1 "$VENV36/bin/python" -m pytest -q -p no:cacheprovider \
-    tests/test_triton_depthwise_kernels.py tests/test_attention.py tests/test_depthwise.py -k triton
+    tests/test_triton_depthwise_kernels.py tests/test_attention.py -k triton
 log "done; tables in $out"
