@@ -104,6 +104,22 @@ def test_bad_rows_fail():
     assert gpu_static.grid_errors([bad_grid])
 
 
+def test_only_listed_spills_are_waived(tmp_path):
+    """A spill listed in the known-spills file is reported as open; the same row with a compile
+    failure or a shared-memory overflow, or an unlisted spill, still fails."""
+    spill = dict(kernel="k", source="triton", dtype="bf16", arch="sm_80", ok=True, regs=100,
+                 spills=8, shared_bytes=1024, error=None)
+    listed = tmp_path / "known.txt"
+    listed.write_text("# comment\n" + gpu_static.row_key(spill) + "\n")
+    known = gpu_static.read_known_spills(str(listed))
+    assert known == {"k | bf16 | sm_80"}
+    assert gpu_static._is_known_spill(spill, known)
+    assert not gpu_static._is_known_spill(spill | {"arch": "sm_90"}, known)
+    assert not gpu_static._is_known_spill(spill | {"ok": False, "error": "boom"}, known)
+    assert not gpu_static._is_known_spill(spill | {"shared_bytes": 10**6}, known)
+    assert not gpu_static._is_known_spill(spill | {"spills": 0}, known)  # passes: nothing to waive
+
+
 # The real compiles run in a child without TRITON_INTERPRET (which conftest sets on a CPU machine,
 # and under which @triton.jit kernels cannot be compiled).
 _COMPILE = """
