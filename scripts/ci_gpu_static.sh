@@ -40,9 +40,8 @@ log "AOT check, $("$VENV36/bin/python" -c 'import triton; print("triton", triton
     --known-spills bench/results/gpu-static/known_spills.txt ${GPU_STATIC_ARGS:---scope configs} \
     | grep -v '^|'
 
-# The kernels' own tests and the attention op's Triton cases; the depthwise ops' Triton cases
-# (tests/test_depthwise.py -k triton, ~4 min more) run under the newest Triton in make test only.
+# The kernels' own tests and the three ops' Triton cases (~5 min on 2 quiet cores).
 log "Triton interpreter tests under triton 3.6"
 TRITON_INTERPRET=1 "$VENV36/bin/python" -m pytest -q -p no:cacheprovider \
-    tests/test_triton_depthwise_kernels.py tests/test_attention.py -k triton
+    tests/test_triton_depthwise_kernels.py tests/test_attention.py tests/test_depthwise.py -k triton
 log "done; tables in $out"
