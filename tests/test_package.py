@@ -75,6 +75,21 @@ def test_info_reports_this_environment():
     json.dumps(report)  # the --json report must serialize
 
 
+def test_info_prints_as_the_readable_report_and_stays_a_dict(capsys):
+    report = uk.info()
+    assert isinstance(report, dict) and isinstance(report, uk.Info)
+    assert str(report) == uk.format_info(report)
+    assert str(report).startswith(f"uniformer_kernels {uk.__version__}\n")
+    assert json.loads(json.dumps(report)) == dict(report)
+    assert dict(report, torch="x")["torch"] == "x" and report["torch"] == torch.__version__
+    # `python -m uniformer_kernels` prints exactly str(info())
+    from uniformer_kernels.__main__ import main
+    assert main([]) == 0
+    assert capsys.readouterr().out == str(uk.info()) + "\n"
+    assert main(["--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(uk.info()))
+
+
 def test_info_reports_an_invalid_env_var_instead_of_raising(monkeypatch):
     monkeypatch.setenv(ENV, "fastest")
     report = uk.info()

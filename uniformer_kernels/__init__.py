@@ -2,7 +2,7 @@
 
     import uniformer_kernels as uk
     uk.accelerate(model)            # UniFormer's blocks switched to the fused ones, in place
-    uk.print_info()                 # versions, device, compiled extension, backends and why
+    print(uk.info())                # versions, device, compiled extension, backends and why
     with uk.backend("eager"): ...   # force a backend (or set UNIFORMER_KERNELS_BACKEND)
 
 ``python -m uniformer_kernels`` prints the same report. The package imports without its compiled
@@ -28,7 +28,7 @@ from .convert import accelerate
 __version__ = "0.1.0"
 
 __all__ = [
-    "__version__", "accelerate", "info", "format_info", "print_info",
+    "__version__", "accelerate", "info", "Info", "format_info", "print_info",
     "backend", "current_backend", "available_backends", "backends", "nn", "ops",
 ]
 
@@ -51,8 +51,18 @@ def _device_name(device: torch.device) -> str:
     return _cpu_name()
 
 
-def info() -> dict:
-    """The environment as this package sees it; JSON-serializable.
+class Info(dict):
+    """What ``info()`` returns: a plain dict of the report (indexing, ``json.dumps``, ``dict(...)``
+    work as on any dict) whose ``str`` is the readable text of ``format_info``, so
+    ``print(uk.info())`` prints what ``python -m uniformer_kernels`` does."""
+
+    def __str__(self) -> str:
+        return format_info(self)
+
+
+def info() -> Info:
+    """The environment as this package sees it, as an ``Info`` (a dict; ``str`` gives the readable
+    report); JSON-serializable.
 
     Keys: uniformer_kernels, python, torch, torch_cuda, triton (version or None) and
     triton_missing (why, or None), device (default device the backends are reported for),
@@ -67,7 +77,7 @@ def info() -> dict:
         forced, forced_error = current_backend(), None
     except ValueError as exc:
         forced, forced_error = None, str(exc)
-    return {
+    return Info({
         "uniformer_kernels": __version__,
         "python": f"{platform.python_version()} ({platform.python_implementation()}, "
                   f"{platform.system()} {platform.machine()})",
@@ -85,7 +95,7 @@ def info() -> dict:
         "forced_backend_error": forced_error,
         "backends": {name: {"available": ok, "reason": reason}
                      for name, (ok, reason) in available_backends(device).items()},
-    }
+    })
 
 
 def _aligned(rows: list[tuple[str, object]], indent: str = "  ") -> list[str]:

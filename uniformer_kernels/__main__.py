@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import format_info, info
+from . import info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     report = info()
-    print(json.dumps(report, indent=2) if args.json else format_info(report))
+    print(json.dumps(report, indent=2) if args.json else report)  # str(report) is the text
     return 0
 
 
