@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from .blocks import CBlock, SABlock, SABlock_Windows
+from .input_checks import check_input
 from .layers import PatchEmbed, head_embedding, init_weights, middle_embedding
 
 __all__ = ["UniFormer"]
@@ -96,6 +97,7 @@ class UniFormer(nn.Module):
         return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
 
     def forward_features(self, x: torch.Tensor):
+        check_input(x, self)
         outs = []
         x = self.pos_drop(self.patch_embed1(x))
         stages = ((self.blocks1, self.patch_embed2), (self.blocks2, self.patch_embed3),

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from .blocks import CBlock
+from .input_checks import check_input
 from .layers import (Attention, Mlp, PatchEmbed, drop_path_or_identity, head_embedding,
                      init_weights)
 
@@ -234,6 +235,7 @@ class UniFormerLight(nn.Module):
         return torch.arange(H * W, dtype=torch.long, device=x.device).unsqueeze(0).expand(B, -1)
 
     def forward_features(self, x: torch.Tensor):
+        check_input(x, self)
         outs = []
         x = self.pos_drop(self.patch_embed1(x))
         for blk in self.blocks1:

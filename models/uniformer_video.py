@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from .blocks import CBlock, SABlock, SplitSABlock
+from .input_checks import check_input
 from .layers import PatchEmbed, init_weights
 
 __all__ = ["UniFormerVideo"]
@@ -64,6 +65,7 @@ class UniFormerVideo(nn.Module):
                 nn.init.ones_(p)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self)
         x = self.pos_drop(self.patch_embed1(x))
         for blocks, next_embed in ((self.blocks1, self.patch_embed2), (self.blocks2, self.patch_embed3),
                                    (self.blocks3, self.patch_embed4), (self.blocks4, None)):
@@ -74,7 +76,7 @@ class UniFormerVideo(nn.Module):
         return self.pre_logits(self.norm(x))
 
     def forward(self, x) -> torch.Tensor:
-        if isinstance(x, (list, tuple)):
+        if isinstance(x, (list, tuple)) and x:
             x = x[0]
         x = self.forward_features(x)
         return self.head(x.flatten(2).mean(-1))
