@@ -16,6 +16,10 @@ or columns of such an input may go unseen; window attention pads its stage-3 map
 windows and crops the result; the video stem halves T rounding up. Pad H and W to a multiple of
 32 to use every pixel. The batch must hold at least one sample (the light models
 and window attention fail on an empty one).
+
+Under ``torch.compile`` the check traces without a graph break; a bad input raises the same
+error, except with ``fullgraph=True``, where dynamo reports any exception raised inside the
+compiled region as its own ``Unsupported`` error.
 """
 from __future__ import annotations
 
