@@ -61,7 +61,7 @@ def stage_sizes(convs, size: int, dim: int) -> list[int]:
 
 
 def minimum_size(convs, dim: int) -> int:
-    """The smallest input length along spatial dim ``dim`` for which every conv in ``convs`` fits."""
+    """The smallest input length along spatial dim ``dim`` that every conv in ``convs`` fits."""
     size = 1
     while min(stage_sizes(convs, size, dim)) < 1:
         size += 1
@@ -112,7 +112,7 @@ def check_input(x, model: nn.Module, name: str = "x") -> None:
     """Raise TypeError/ValueError unless ``x`` fits ``model`` (a UniFormer of this family, read
     through its stems patch_embed1..4): a floating-point tensor [B, C, H, W] for an image model
     (2-D stem convs) or [B, C, T, H, W] for a video model (3-D), C the first conv's in_channels,
-    batch size at least 1, each size at least :func:`minimum_size` (the rule: the module docstring)."""
+    batch size at least 1, each size at least :func:`minimum_size` (the rule: module docstring)."""
     convs = stem_convs(model)
     first = convs[0]
     video = isinstance(first, nn.Conv3d)
@@ -135,8 +135,9 @@ def check_input(x, model: nn.Module, name: str = "x") -> None:
         raise ValueError(f"{name}: expected {c} channels in dim 1 of {layout}, got {x.shape[1]} "
                          f"in shape {_shape(x)}" + (f"; {hint}" if hint else ""))
     if x.shape[0] == 0:  # the light models and window attention cannot reshape an empty batch
-        raise ValueError(f"{name}: expected a batch of at least one {'clip' if video else 'image'}, "
-                         f"got batch size 0 (shape {_shape(x)})")
+        sample = "clip" if video else "image"
+        raise ValueError(f"{name}: expected a batch of at least one {sample}, got batch size 0 "
+                         f"(shape {_shape(x)})")
     axes = ("T", "H", "W") if video else ("H", "W")
     too_small = [(axis, x.shape[2 + dim], minimum_size(convs, dim))
                  for dim, axis in enumerate(axes)

@@ -5,6 +5,8 @@ exactly the sizes the unchecked models fail on; correct inputs, at sizes that ar
 32 too, pass."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -24,7 +26,8 @@ KINDS = {
     "video": ("uniformer_small_video", {}),
     "video_split": ("uniformer_small_video", {"split": True}),
     "dense_hybrid": ("uniformer_small", {"features_only": True, "hybrid": True, "window_size": 4}),
-    "dense_windows": ("uniformer_small", {"features_only": True, "windows": True, "window_size": 4}),
+    "dense_windows": ("uniformer_small", {"features_only": True, "windows": True,
+                                          "window_size": 4}),
     "dense_light": ("uniformer_xxs", {"features_only": True}),
 }
 VIDEO = {"video", "video_split"}
@@ -43,11 +46,15 @@ def model_of(kind: str, accelerated: bool) -> nn.Module:
     return _models[key]
 
 
-def stem_calls(model: nn.Module) -> list:
-    """Records each call of the first stem (the model's first work) in the returned list."""
+@contextlib.contextmanager
+def stem_calls(model: nn.Module):
+    """Yields a list that records each call of the first stem (the model's first work)."""
     calls = []
-    model.patch_embed1.register_forward_pre_hook(lambda module, args: calls.append(1))
-    return calls
+    handle = model.patch_embed1.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        yield calls
+    finally:
+        handle.remove()
 
 
 # mistake -> (input shape for an image model, for a video model, message regex for each); None:
@@ -73,7 +80,8 @@ MISTAKES = {
     "grayscale": ((2, 1, 64, 64), (2, 1, 4, 64, 64), r"grayscale .*x\.expand",
                   r"grayscale .*x\.expand"),
     "wrong_channels": ((2, 5, 64, 64), (2, 5, 4, 64, 64),
-                       r"expected 3 channels in dim 1 of \[B, 3, H, W\], got 5 in shape \[2, 5, 64, 64\]$",
+                       r"expected 3 channels in dim 1 of \[B, 3, H, W\], got 5 "
+                       r"in shape \[2, 5, 64, 64\]$",
                        r"expected 3 channels in dim 1 of \[B, 3, T, H, W\], got 5 in shape"),
     "wrong_rank": ((64,), (2, 3, 4, 64, 64, 1), r"expected an image batch \[B, 3, H, W\] \(4-D\), "
                    r"got a 1-D tensor", r"expected a video clip batch \[B, 3, T, H, W\] \(5-D\), "
@@ -91,7 +99,8 @@ def applies(kind: str, mistake: str) -> bool:
     return MISTAKES[mistake][1 if kind in VIDEO else 0] is not None
 
 
-CASES = [pytest.param(kind, mistake, accelerated, id=f"{kind}-{mistake}-{'uk' if accelerated else 'ref'}")
+CASES = [pytest.param(kind, mistake, accelerated,
+                      id=f"{kind}-{mistake}-{'uk' if accelerated else 'ref'}")
          for kind in KINDS for mistake in MISTAKES if applies(kind, mistake)
          for accelerated in (False, True)]
 
@@ -102,11 +111,13 @@ def test_each_mistake_raises_a_value_error_naming_x_with_its_fix_before_any_work
     video = kind in VIDEO
     shape, pattern = MISTAKES[mistake][1 if video else 0], MISTAKES[mistake][3 if video else 2]
     model = model_of(kind, accelerated)
-    calls = stem_calls(model)
-    with pytest.raises(ValueError, match=r"^x: ") as error:
+    with stem_calls(model) as calls, pytest.raises(ValueError, match=r"^x: ") as error:
         model(torch.randn(shape))
     assert error.match(pattern)
     assert calls == []
+    with stem_calls(model) as calls, torch.no_grad():  # the hook does see a correct input
+        model(torch.randn(GOOD[kind]))
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("kind", KINDS)
