@@ -338,20 +338,25 @@ def test_autocast_training_is_as_accurate_as_the_reference(case, dtype, device):
         assert fast_err <= 2 * ref_err + 1e-6, f"{what}: {fast_err:.2e} vs reference {ref_err:.2e}"
 
 
-# Not the light models: measured on the CPU, xxs in bfloat16 was 0.18 off the float64 reference
-# against the eager bfloat16 model's 0.026. Not yet explained; the likely cause is token pruning
-# (the tokens with the largest class attention are kept, and 16-bit rounding can flip near-ties,
-# which changes the output by far more than rounding), to be confirmed. Autocast training covers
-# the light models.
+# Token pruning (light models) keeps the tokens with the largest running class-attention score, and
+# 16-bit rounding flips near-ties: measured on the CPU (xxs, bfloat16, random weights), the eager
+# bfloat16 model keeps one different token per pruning block and lands 0.18 off float64, against
+# 0.02 with pruning off, and the accelerated model does the same (0.18 and 0.02). A flipped token is
+# a different but valid computation, not rounding, so the light models' numerics are compared here
+# with pruning off (every block through the full-token path); autocast training above covers the
+# pruning path against the reference's own 16-bit error.
 @pytest.mark.parametrize("case,dtype,device", sixteen_bit_params(
-    [("uniformer_small", torch.bfloat16, [])],
-    [case for case in SIXTEEN_BIT_CASES if case != "uniformer_xxs"]))
+    [("uniformer_small", torch.bfloat16, []), ("uniformer_xxs", torch.bfloat16, [])]))
 def test_16bit_model_matches_float64_reference(case, dtype, device):
     """A model converted to float16/bfloat16 (weights and input), eval: its outputs against the
     float64 reference within the dtype's contract, or, where the eager model in the same dtype
     cannot reach it (errors add up over the blocks), within twice that model's own error."""
     model, x = build(case)
     model, x = model.to(device).eval(), x.to(device)
+    pruning_blocks = [m for m in model.modules() if getattr(m, "prune_ratio", 1) != 1]
+    assert (case == "uniformer_xxs") == bool(pruning_blocks)
+    for block in pruning_blocks:
+        block.prune_ratio = 1.0
     fast = accelerate(copy.deepcopy(model).to(dtype))
     with torch.no_grad():
         exact = outputs(copy.deepcopy(model).double()(x.double()))
