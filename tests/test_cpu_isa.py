@@ -190,7 +190,8 @@ def test_avx512_traits_forward_and_weight_grad_match_float64(wide, dtype, channe
         want_w, want_b = torch.autograd.grad(reference_conv5(x5, w64, b64), (w64, b64), grad_y)
         start_w, start_b = torch.randn_like(weight), torch.randn_like(bias)
         grad_w, grad_b = start_w.clone(), start_b.clone()
-        wide.uk_wide_weight_grad(double, ptr(grad_y.to(dtype)), ptr(x5), ptr(grad_w), ptr(grad_b), sizes)
+        grad_y_in = grad_y.to(dtype)  # held: a temporary's memory would be freed before the call
+        wide.uk_wide_weight_grad(double, ptr(grad_y_in), ptr(x5), ptr(grad_w), ptr(grad_b), sizes)
         assert_rel_close(grad_w - start_w, want_w, tolerance(dtype, "conv"), f"grad_w {spatial} {kernel}")
         assert_rel_close(grad_b - start_b, want_b, tolerance(dtype, "conv"), f"grad_b {spatial} {kernel}")
 
