@@ -60,8 +60,9 @@ inline V splat(T s) {
 
 // Fully unrolls a loop with a compile-time trip count, so that arrays indexed by its counter
 // (accumulators, weights) live in registers. The count must cover the longest such loop (a block's
-// OWB + KW - 1 inputs: 22 with 32 registers): GCC 12 miscomputed the scalar-tail blocks of 16
-// outputs when it could only unroll that loop partially (found by tests/test_cpu_isa.py).
+// OWB + KW - 1 inputs: 22 with 32 registers). With "unroll 16" that loop was unrolled only
+// partly, and GCC 12's -O2 code for the scalar-tail blocks of 16 outputs summed wrongly (at -O0 it
+// was right; tests/test_cpu_isa.py found it).
 constexpr int kMaxUnroll = 32;
 #define UK_UNROLL _Pragma("GCC unroll 32")
 
