@@ -24,7 +24,8 @@ INFO_KEYS = {
     "forced_backend", "forced_backend_error", "backends",
 }
 BUILD_INFO_KEYS = {"with_cuda", "cuda_archs", "cuda_missing_reason", "openmp", "omp_max_threads",
-                   "compile_time_simd", "compiler", "built_against_torch", "cpu_kernel_isa"}
+                   "compile_time_simd", "compiler", "built_against_torch", "cpu_isas_compiled",
+                   "cpu_isas_supported", "cpu_kernel_isa", "cpu_kernel_isa_error"}
 
 
 def triton_installed():

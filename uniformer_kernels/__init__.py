@@ -121,7 +121,7 @@ def format_info(report: dict | None = None) -> str:
     ])
     if r["extension"] is not None:
         lines.append("extension uniformer_kernels._C")
-        lines += _aligned([(key, "none" if value == "" else value)
+        lines += _aligned([(key, "none" if value == "" else ", ".join(value) if isinstance(value, list) else value)
                            for key, value in r["extension"].items()])
     else:
         lines.append("extension uniformer_kernels._C: not available")

@@ -35,11 +35,19 @@ def load_error() -> str | None:
 
 
 def build_info() -> dict | None:
-    """The extension's compile-time facts (see csrc/cpu/build_info.cpp) plus ``cpu_kernel_isa``,
-    the CPU kernel build chosen at run time for this CPU (avx2 or baseline); None when not loaded."""
+    """The extension's compile-time facts (see csrc/cpu/build_info.cpp) plus the run-time choice of
+    CPU kernels: ``cpu_isas_supported`` (the builds this CPU and OS run, narrowest first) and
+    ``cpu_kernel_isa`` (the one this process uses: the widest, or UNIFORMER_KERNELS_CPU_ISA's),
+    None with ``cpu_kernel_isa_error`` saying why when that variable is invalid or names an ISA
+    this CPU lacks (the CPU kernels then raise that ValueError). None when not loaded."""
     if _C is None:
         return None
-    return {**_C.build_info(), "cpu_kernel_isa": _C.cpu_kernel_isa()}
+    try:
+        isa, isa_error = _C.cpu_kernel_isa(), None
+    except ValueError as exc:
+        isa, isa_error = None, str(exc).splitlines()[0]
+    return {**_C.build_info(), "cpu_isas_supported": _C.cpu_isas_supported(),
+            "cpu_kernel_isa": isa, "cpu_kernel_isa_error": isa_error}
 
 
 # Compile-time facts that backend selection reads on every op call, taken once.

@@ -218,11 +218,19 @@ void set_padding(T* rows, int64_t len, int64_t ld, T value) {
   for (int64_t i = 0; i < len; ++i) std::fill(rows + i * ld + len, rows + (i + 1) * ld, value);
 }
 
-// The row operations' build for this CPU (checked once).
+// The row operations' build for the ISA chosen for this process (cpu_isa.h).
+template <typename T>
+AttentionRowKernels<T> row_kernels_for(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::avx512: return avx512::attention_row_kernels<T>();
+    case CpuIsa::avx2: return avx2::attention_row_kernels<T>();
+    default: return baseline::attention_row_kernels<T>();
+  }
+}
+
 template <typename T>
 const AttentionRowKernels<T>& row_kernels() {
-  static const AttentionRowKernels<T> chosen =
-      cpu_has_avx2_fma() ? avx2::attention_row_kernels<T>() : baseline::attention_row_kernels<T>();
+  static const AttentionRowKernels<T> chosen = row_kernels_for<T>(chosen_cpu_isa());
   return chosen;
 }
 

@@ -1,9 +1,10 @@
 // Row operations of the CPU attention kernel (attention.cpp), on one row of a task's L x L score
 // matrix (no torch types).
 //
-// They exist twice, compiled from one template source (attention_kernels_impl.h): for the baseline
-// ISA and, in attention_kernels_avx2.cpp, for AVX2 + FMA with hand-vectorised float versions
-// (attention.cpp picks one per CPU, see cpu_isa.h). The float exp there is the softmax's cost: the
+// They exist three times, compiled from one template source (attention_kernels_impl.h): for the
+// baseline ISA and, in attention_kernels_avx2.cpp and _avx512.cpp, for AVX2 + FMA and AVX-512 with
+// float versions hand-vectorised once over vector traits (attention_kernels_simd.h); attention.cpp
+// runs the build cpu_isa.h chooses once per process. The float exp there is the softmax's cost: the
 // generic vector code GCC makes of it is latency-bound on the polynomial and 2x slower.
 //
 // Score rows are in log2 units (the gemm's alpha folds log2(e) into the scale), so the softmax takes
@@ -44,6 +45,10 @@ template <typename T>
 AttentionRowKernels<T> attention_row_kernels();
 }
 namespace avx2 {
+template <typename T>
+AttentionRowKernels<T> attention_row_kernels();
+}
+namespace avx512 {
 template <typename T>
 AttentionRowKernels<T> attention_row_kernels();
 }

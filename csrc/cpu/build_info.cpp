@@ -5,8 +5,10 @@
 // Only pybind11 and ATen/Parallel.h are included, not torch/extension.h: this file needs nothing
 // else, and the full torch header set costs tens of seconds of compile time per file.
 #include "build_info.h"
+#include "cpu_isa.h"
 
 #include <ATen/Parallel.h>
+#include <pybind11/stl.h>
 
 #include <string>
 
@@ -18,8 +20,9 @@ namespace uniformer_kernels {
 namespace {
 
 // The widest SIMD instruction set the compiler was allowed to emit for this file's translation
-// unit (at::vec::Vectorized follows the same macros in our own kernels). A build without -mavx2
-// reports "sse" on x86-64 even on an AVX-512 machine, whatever torch's own kernels use.
+// unit (at::vec::Vectorized follows the same macros). A build without -mavx2 reports "sse" on
+// x86-64 even on an AVX-512 machine: our ISA-specific kernels are compiled per ISA instead
+// (cpu_isas_compiled) and one is chosen at run time.
 const char* compile_time_simd() {
 #if defined(__AVX512F__)
   return "avx512";
@@ -73,6 +76,9 @@ pybind11::dict build_info() {
   // kernels run on one thread whatever this says.
   info["omp_max_threads"] = at::get_num_threads();
   info["compile_time_simd"] = std::string(compile_time_simd());
+  // The builds of the ISA-specific CPU kernels in this binary (cpu_isa.h); which one runs is
+  // cpu_kernel_isa().
+  info["cpu_isas_compiled"] = compiled_cpu_isas();
   info["compiler"] = std::string(compiler());
   info["built_against_torch"] = std::string(UK_TORCH_VERSION);
   return info;

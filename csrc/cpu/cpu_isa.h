@@ -1,13 +1,25 @@
-// Which build of the CPU kernels this CPU runs. The ISA-specific kernels (depthwise_kernels_*,
-// attention_kernels_*) exist for the baseline ISA and for AVX2 + FMA; their callers pick one with
-// this at run time, so the extension runs on any x86-64 CPU and uses FMA where there is one.
+// Which build of the CPU kernels this process runs. The ISA-specific kernels (depthwise_kernels_*,
+// attention_kernels_*) are compiled for the baseline ISA, AVX2 + FMA and AVX-512 (F, BW, VL); one
+// is chosen once per process: the widest this CPU and its OS support, or the one the environment
+// variable UNIFORMER_KERNELS_CPU_ISA (baseline, avx2, avx512) forces.
 #pragma once
+
+#include <string>
+#include <vector>
 
 namespace uniformer_kernels {
 
-bool cpu_has_avx2_fma();
+enum class CpuIsa { baseline, avx2, avx512 };
 
-// "avx2" or "baseline" (for the environment report).
+// The chosen ISA (decided on the first call). Throws c10::ValueError, naming the variable, when
+// UNIFORMER_KERNELS_CPU_ISA is not one of the names or forces an ISA this CPU/OS lacks.
+CpuIsa chosen_cpu_isa();
+
+// Its name, for the environment report.
 const char* cpu_kernel_isa();
+
+// The ISAs the kernels were compiled for, and the ones this CPU and OS can run, narrowest first.
+std::vector<std::string> compiled_cpu_isas();
+std::vector<std::string> supported_cpu_isas();
 
 }  // namespace uniformer_kernels

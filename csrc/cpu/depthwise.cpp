@@ -24,10 +24,19 @@
 namespace uniformer_kernels {
 namespace {
 
-// The widest kernel build this CPU runs (checked once).
+// The kernel build for the ISA chosen for this process (cpu_isa.h).
+template <typename T>
+DepthwiseKernels<T> kernels_for(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::avx512: return avx512::kernels<T>();
+    case CpuIsa::avx2: return avx2::kernels<T>();
+    default: return baseline::kernels<T>();
+  }
+}
+
 template <typename T>
 const DepthwiseKernels<T>& cpu_kernels() {
-  static const DepthwiseKernels<T> chosen = cpu_has_avx2_fma() ? avx2::kernels<T>() : baseline::kernels<T>();
+  static const DepthwiseKernels<T> chosen = kernels_for<T>(chosen_cpu_isa());
   return chosen;
 }
 

@@ -1,8 +1,9 @@
 // Entry points of the depthwise conv family's CPU kernels (no torch types).
 //
-// The kernels exist twice, compiled from one template source (depthwise_kernels_impl.h): once for
-// the baseline x86-64 ISA and once with AVX2+FMA (depthwise_kernels_avx2.cpp). depthwise.cpp picks
-// one at run time, so the extension runs on any x86-64 CPU and uses FMA where there is one.
+// The kernels exist three times, compiled from one template source (depthwise_kernels_impl.h) that
+// only the vector width and register count parameterise: for the baseline x86-64 ISA, with
+// AVX2+FMA (depthwise_kernels_avx2.cpp) and with AVX-512 (depthwise_kernels_avx512.cpp).
+// depthwise.cpp runs the build cpu_isa.h chooses once per process.
 //
 // Layout: activations are channels-last 5-D (N, D, H, W, C) contiguous, 2-D convs having D = 1;
 // weights are (KD, KH, KW, C) so that a vector load over channels is contiguous. Every kernel works
@@ -43,6 +44,10 @@ template <typename T>
 DepthwiseKernels<T> kernels();
 }
 namespace avx2 {
+template <typename T>
+DepthwiseKernels<T> kernels();
+}
+namespace avx512 {
 template <typename T>
 DepthwiseKernels<T> kernels();
 }

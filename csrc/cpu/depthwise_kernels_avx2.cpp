@@ -7,6 +7,8 @@
 #pragma GCC target("avx2,fma")
 namespace uniformer_kernels {
 namespace avx2 {
+#define UK_VECTOR_BYTES 32
+#define UK_VECTOR_REGISTERS 16
 #include "depthwise_kernels_impl.h"
 }  // namespace avx2
 }  // namespace uniformer_kernels

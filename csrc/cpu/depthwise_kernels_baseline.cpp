@@ -7,6 +7,8 @@
 
 namespace uniformer_kernels {
 namespace baseline {
+#define UK_VECTOR_BYTES 32
+#define UK_VECTOR_REGISTERS 16
 #include "depthwise_kernels_impl.h"
 }  // namespace baseline
 }  // namespace uniformer_kernels

@@ -1,22 +1,38 @@
 // The depthwise conv family's CPU kernels, written once over GCC/Clang vector types and compiled
-// once per ISA level: the including file opens the namespace (baseline or avx2) and, for avx2, sets
-// `#pragma GCC target` first. This header therefore includes nothing and calls no library function
-// (an inline library function instantiated here would be compiled for the wider ISA and could be
-// picked by the linker for baseline callers too).
+// once per ISA level: the including file opens the namespace (baseline, avx2 or avx512), sets
+// `#pragma GCC target` for the wider ISAs, and defines the two facts the code below is
+// parameterised by (nothing else differs between the builds):
+//   UK_VECTOR_BYTES      bytes of the widest vector: 32 (baseline: split into SSE halves; avx2) or
+//                        64 (avx512: 16 floats in one zmm);
+//   UK_VECTOR_REGISTERS  vector registers the register blocking may fill: 16 (xmm/ymm) or 32 (zmm).
+// This header therefore includes nothing and calls no library function (an inline library function
+// instantiated here would be compiled for the wider ISA and could be picked by the linker for
+// baseline callers too).
 //
 // Scheme (channels-last, a row = one output (n, d, h)): the (KD x KH) taps that stay inside the
 // input give up to 49 input rows; each is swept along W. Away from the W borders, a block of OWB
 // outputs for one vector of channels is accumulated in registers: for every input row, its KW
 // weight vectors are loaded once and each input vector once, then used for every output of the
 // block it touches. Border outputs take a bounds-checked path. Channels left over after the last
-// full vector are done with the same code on scalars.
+// full vector run the same code on vectors of half, then a quarter of the width, down to 16 bytes,
+// then on scalars: UniFormer's channel counts are multiples of 8, so an AVX-512 float tail
+// (56 = 3 x 16 + 8) is one 8-lane ymm, which costs what a masked zmm would and needs no mask.
 
 // (The including file provides namespace uniformer_kernels::<isa> { ... }.)
 
+#if !defined(UK_VECTOR_BYTES) || !defined(UK_VECTOR_REGISTERS)
+#error "define UK_VECTOR_BYTES and UK_VECTOR_REGISTERS before including depthwise_kernels_impl.h"
+#endif
+
+template <typename T, int Bytes>
+struct VecOf {
+  typedef T type __attribute__((vector_size(Bytes)));
+};
+
 template <typename T>
 struct VecTraits {
-  typedef T vec __attribute__((vector_size(32)));  // 8 floats or 4 doubles
-  static constexpr int lanes = 32 / sizeof(T);
+  typedef typename VecOf<T, UK_VECTOR_BYTES>::type vec;  // the widest vector of T
+  static constexpr int lanes = UK_VECTOR_BYTES / sizeof(T);
 };
 
 // One type for "a vector of channels" and "one channel", so the loops below serve both.
@@ -43,8 +59,12 @@ inline V splat(T s) {
 }
 
 // Fully unrolls a loop with a compile-time trip count, so that arrays indexed by its counter
-// (accumulators, weights) live in registers.
-#define UK_UNROLL _Pragma("GCC unroll 16")
+// (accumulators, weights) live in registers. The count must cover the longest such loop (a block's
+// OWB + KW - 1 inputs: 22 with 32 registers). With "unroll 16" that loop was unrolled only
+// partly, and GCC 12's -O2 code for the scalar-tail blocks of 16 outputs summed wrongly (at -O0 it
+// was right; tests/test_cpu_isa.py found it).
+constexpr int kMaxUnroll = 32;
+#define UK_UNROLL _Pragma("GCC unroll 32")
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -83,6 +103,7 @@ struct TapRows {
 template <typename V, typename T, int KW, int OWB>
 inline void forward_block(const TapRows<T>& taps, const T* bias, const T* residual_row, T* y_row,
                           int64_t ow0, int64_t c, int64_t C) {
+  static_assert(OWB + KW - 1 <= kMaxUnroll, "UK_UNROLL must unroll the input loop fully");
   V acc[OWB];
   const V init = bias ? load<V>(bias + c) : splat<V, T>(0);
   UK_UNROLL for (int o = 0; o < OWB; ++o)
@@ -115,15 +136,59 @@ inline void forward_border(const TapRows<T>& taps, const T* bias, const T* resid
   store<V>(y_row + ow * C + c, acc);
 }
 
-// Runs a per-channel-vector kernel over all channels: full vectors, then the leftover channels
-// one at a time with the same code on scalars.
+// Runs a per-channel-vector kernel on the channels [c, C) left after the full vectors: a vector of
+// Bytes / 2 bytes if that many remain, then a quarter, ... down to 16 bytes, then one channel at a
+// time on scalars. Advances c to C.
+template <typename T, int Bytes, typename Kernel>
+inline void over_channel_tail(int64_t& c, int64_t C, Kernel&& kernel) {
+  if constexpr (Bytes / 2 >= 16 && Bytes / 2 / int(sizeof(T)) >= 2) {
+    typedef typename VecOf<T, Bytes / 2>::type Half;
+    constexpr int L = Bytes / 2 / sizeof(T);
+    if (c + L <= C) {
+      kernel(Half{}, c);
+      c += L;
+    }
+    over_channel_tail<T, Bytes / 2>(c, C, kernel);
+  } else {
+    for (; c < C; ++c) kernel(T{}, c);
+  }
+}
+
+// Runs a per-channel-vector kernel over all channels: full vectors, then the tail as above.
 template <typename T, typename Kernel>
 inline void over_channels(int64_t C, Kernel&& kernel) {
   typedef typename VecTraits<T>::vec V;
   constexpr int L = VecTraits<T>::lanes;
   int64_t c = 0;
   for (; c + L <= C; c += L) kernel(V{}, c);
-  for (; c < C; ++c) kernel(T{}, c);
+  over_channel_tail<T, UK_VECTOR_BYTES>(c, C, kernel);
+}
+
+// Register blocking: the largest power-of-2 block of outputs whose accumulators, with the KW
+// weight vectors, one input vector and one spare, fit the register file (16: KW 3/5 -> 8, KW 7 -> 4;
+// 32 zmm: 16 for every KW).
+constexpr int output_block(int kw) {
+  int block = 1;
+  while (2 * block + kw + 2 <= UK_VECTOR_REGISTERS && block < 16) block *= 2;
+  return block;
+}
+
+// Blocks of B outputs of the interior [ow, interior_end), B halving from OWB down to 2, each size
+// used while it fits, so any remainder is covered by at most one block of each smaller size; the
+// last outputs singly.
+template <int N>
+struct BlockSize {
+  static constexpr int value = N;
+};
+
+template <int B, typename Block>
+inline void over_output_blocks(int64_t& ow, int64_t interior_end, Block&& block) {
+  if constexpr (B >= 2) {
+    for (; ow + B <= interior_end; ow += B) block(BlockSize<B>{}, ow);
+    over_output_blocks<B / 2>(ow, interior_end, block);
+  } else {
+    for (; ow < interior_end; ++ow) block(BlockSize<1>{}, ow);
+  }
 }
 
 // One output row. The W loop is outside the channel loop so that the few input pixels a block of
@@ -131,7 +196,7 @@ inline void over_channels(int64_t C, Kernel&& kernel) {
 template <typename T, int KW>
 void forward_row(const T* x, const T* weight, const T* bias, bool residual, T* y_row,
                  const ConvShape& s, int64_t row) {
-  constexpr int OWB = KW >= 7 ? 4 : 8;  // accumulators + KW weights + 1 input fit 16 registers
+  constexpr int OWB = output_block(KW);
   const TapRows<T> taps(x, weight, s, row);
   const int64_t C = s.channels, W = s.width;
   const T* residual_row = residual ? x + row * W * C : nullptr;
@@ -149,23 +214,15 @@ void forward_row(const T* x, const T* weight, const T* bias, bool residual, T* y
   // memory while this row computes; the flat next row stands in for it at image/depth edges.
   const int64_t ahead = row + s.kernel_h / 2 + 1;
   const T* prefetch_row = ahead < s.rows() ? x + ahead * W * C : nullptr;
-  for (; ow + OWB <= interior_end; ow += OWB) {
-    if (prefetch_row)
-      for (int64_t i = ow * C; i < (ow + OWB) * C; i += 64 / sizeof(T)) __builtin_prefetch(prefetch_row + i);
+  // (56 = 2 + 6 x 8 + 4 + 2 for KW 5 with 16 registers, 2 + 3 x 16 + 4 + 2 with 32.)
+  over_output_blocks<OWB>(ow, interior_end, [&](auto block_size, int64_t ow0) {
+    constexpr int B = decltype(block_size)::value;
+    if (prefetch_row && B > 1)
+      for (int64_t i = ow0 * C; i < (ow0 + B) * C; i += 64 / sizeof(T)) __builtin_prefetch(prefetch_row + i);
     over_channels<T>(C, [&](auto lane_type, int64_t c) {
-      forward_block<decltype(lane_type), T, KW, OWB>(taps, bias, residual_row, y_row, ow, c, C);
+      forward_block<decltype(lane_type), T, KW, B>(taps, bias, residual_row, y_row, ow0, c, C);
     });
-  }
-  if (OWB > 4 && ow + 4 <= interior_end) {  // a half block before single outputs (56 = 2 + 6x8 + 4 + 2 + 2)
-    over_channels<T>(C, [&](auto lane_type, int64_t c) {
-      forward_block<decltype(lane_type), T, KW, 4>(taps, bias, residual_row, y_row, ow, c, C);
-    });
-    ow += 4;
-  }
-  for (; ow < interior_end; ++ow)
-    over_channels<T>(C, [&](auto lane_type, int64_t c) {
-      forward_block<decltype(lane_type), T, KW, 1>(taps, bias, residual_row, y_row, ow, c, C);
-    });
+  });
   for (; ow < W; ++ow) border(ow);
 }
 
@@ -216,7 +273,8 @@ void forward_rows(const T* x, const T* weight, const T* bias, bool residual, T* 
 template <typename V, typename T, int KW>
 inline void weight_grad_tap_row(const T* grad_y_row, const T* in_row, T* grad_w_row, int64_t c,
                                 int64_t C, int64_t W) {
-  constexpr int OWB = 4;
+  constexpr int OWB = UK_VECTOR_REGISTERS >= 32 ? 8 : 4;  // KW sums + OWB grads + 1 input
+  static_assert(OWB + KW - 1 <= kMaxUnroll, "UK_UNROLL must unroll the input loop fully");
   V sum[KW];
   for (int k = 0; k < KW; ++k) sum[k] = splat<V, T>(0);
   const int64_t interior_begin = KW / 2, interior_end = max64(W - KW / 2, interior_begin);
@@ -255,21 +313,19 @@ inline void bias_grad_row(const T* grad_y_row, T* grad_bias, int64_t c, int64_t 
 template <typename T, int KW>
 void weight_grad_rows(const T* grad_y, const T* x, T* grad_weight, T* grad_bias,
                       const ConvShape& s, int64_t begin, int64_t end) {
-  typedef typename VecTraits<T>::vec V;
-  constexpr int L = VecTraits<T>::lanes;
   const int64_t C = s.channels, W = s.width;
   for (int64_t row = begin; row < end; ++row) {
     const TapRows<T> taps(x, grad_weight, s, row);
     const T* grad_y_row = grad_y + row * W * C;
     for (int r = 0; r < taps.count; ++r) {
       T* grad_w_row = grad_weight + taps.tap_index[r] * KW * C;
-      int64_t c = 0;
-      for (; c + L <= C; c += L) weight_grad_tap_row<V, T, KW>(grad_y_row, taps.input[r], grad_w_row, c, C, W);
-      for (; c < C; ++c) weight_grad_tap_row<T, T, KW>(grad_y_row, taps.input[r], grad_w_row, c, C, W);
+      over_channels<T>(C, [&](auto lane_type, int64_t c) {
+        weight_grad_tap_row<decltype(lane_type), T, KW>(grad_y_row, taps.input[r], grad_w_row, c, C, W);
+      });
     }
-    int64_t c = 0;
-    for (; c + L <= C; c += L) bias_grad_row<V, T>(grad_y_row, grad_bias, c, C, W);
-    for (; c < C; ++c) bias_grad_row<T, T>(grad_y_row, grad_bias, c, C, W);
+    over_channels<T>(C, [&](auto lane_type, int64_t c) {
+      bias_grad_row<decltype(lane_type), T>(grad_y_row, grad_bias, c, C, W);
+    });
   }
 }
 
@@ -289,19 +345,23 @@ inline void norm_pixel(const T* y, const T* norm_weight, const T* norm_bias, boo
   typedef typename VecTraits<T>::vec V;
   constexpr int L = VecTraits<T>::lanes;
   if (!layer_norm) {
-    int64_t c = 0;
-    for (; c + L <= C; c += L)
-      store<V>(z + c, load<V>(y + c) * load<V>(norm_weight + c) + load<V>(norm_bias + c));
-    for (; c < C; ++c) z[c] = y[c] * norm_weight[c] + norm_bias[c];
+    over_channels<T>(C, [&](auto lane_type, int64_t c) {
+      typedef decltype(lane_type) Any;
+      store<Any>(z + c, load<Any>(y + c) * load<Any>(norm_weight + c) + load<Any>(norm_bias + c));
+    });
     return;
   }
   // Two passes over the (cached) pixel: the mean, then the centred variance, which does not lose
-  // precision to cancellation the way E[y^2] - E[y]^2 does.
+  // precision to cancellation the way E[y^2] - E[y]^2 does. Full vectors accumulate in one vector,
+  // the tail's into the scalar.
   V vsum = splat<V, T>(0);
   T sum = 0;
   int64_t c = 0;
   for (; c + L <= C; c += L) vsum += load<V>(y + c);
-  for (; c < C; ++c) sum += y[c];
+  over_channel_tail<T, UK_VECTOR_BYTES>(c, C, [&](auto lane_type, int64_t i) {
+    typedef decltype(lane_type) Tail;
+    sum += horizontal_sum<Tail, T>(load<Tail>(y + i));
+  });
   const T mean = (sum + horizontal_sum<V, T>(vsum)) / C;
   V vsq = splat<V, T>(0);
   T sq = 0;
@@ -309,11 +369,16 @@ inline void norm_pixel(const T* y, const T* norm_weight, const T* norm_bias, boo
     const V d = load<V>(y + c) - mean;
     vsq += d * d;
   }
-  for (; c < C; ++c) sq += (y[c] - mean) * (y[c] - mean);
+  over_channel_tail<T, UK_VECTOR_BYTES>(c, C, [&](auto lane_type, int64_t i) {
+    typedef decltype(lane_type) Tail;
+    const Tail d = load<Tail>(y + i) - mean;
+    sq += horizontal_sum<Tail, T>(d * d);
+  });
   const T rstd = T(1) / __builtin_sqrt((sq + horizontal_sum<V, T>(vsq)) / C + eps);
-  for (c = 0; c + L <= C; c += L)
-    store<V>(z + c, (load<V>(y + c) - mean) * rstd * load<V>(norm_weight + c) + load<V>(norm_bias + c));
-  for (; c < C; ++c) z[c] = (y[c] - mean) * rstd * norm_weight[c] + norm_bias[c];
+  over_channels<T>(C, [&](auto lane_type, int64_t i) {
+    typedef decltype(lane_type) Any;
+    store<Any>(z + i, (load<Any>(y + i) - mean) * rstd * load<Any>(norm_weight + i) + load<Any>(norm_bias + i));
+  });
   *mean_out = mean;
   *rstd_out = rstd;
 }
