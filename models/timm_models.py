@@ -74,15 +74,17 @@ def _pretrained_cfg(name: str, hub: str | None, filename: str | None, size, num_
     cls = VARIANTS[TIMM_VARIANTS[name][0]][0]
     video = cls is UniFormerVideo
     frames, side = size if video else (None, size)
-    classifier = {UniFormerLight: ("head", "head_cls")}.get(cls, "head")
+    classifier = ("head", "head_cls") if cls is UniFormerLight else "head"
     if TIMM_VARIANTS[name][1].get("return_dense") or name == "uniformer_large_ls":
         classifier = ("head", "aux_head")
-    cfg = dict(num_classes=num_classes, classifier=classifier,
-               input_size=(3, frames, side, side) if video else (3, side, side),
-               pool_size=None, crop_pct=0.9 if not video else 1.0, interpolation="bicubic",
-               first_conv="patch_embed1.proj.0" if cls is UniFormerLight
-               or name.startswith("uniformer_small_plus") else "patch_embed1.proj",
+    conv_stem = cls is UniFormerLight or name.startswith("uniformer_small_plus")
+    # timm's input_size is (C, H, W): a video clip's frame count goes in the notes
+    cfg = dict(num_classes=num_classes, classifier=classifier, input_size=(3, side, side),
+               pool_size=None, crop_pct=1.0 if video else 0.9, interpolation="bicubic",
+               first_conv="patch_embed1.proj.0" if conv_stem else "patch_embed1.proj",
                license="mit", paper_ids="arXiv:2201.09450", **(_KINETICS if video else _IMAGENET))
+    if video:
+        cfg["notes"] = (f"clips of {frames} frames: input (B, 3, {frames}, {side}, {side})",)
     if hub is not None:
         cfg.update(hf_hub_id=hub, hf_hub_filename=filename)
     return cfg
