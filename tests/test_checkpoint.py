@@ -174,10 +174,15 @@ def _mm_checkpoint(backbone_state, kind):
     return {"meta": {"mmseg_version": "0.x", "CLASSES": ("a", "b")}, "state_dict": state}, list(others)
 
 
+@pytest.fixture(scope="module")
+def dense_small():
+    return randomised(um.create_model("uniformer_small", features_only=True, hybrid=True))
+
+
 @pytest.mark.parametrize("layout", ["plain", "model", "state_dict", "module", "model+module",
                                     "seg", "det", "module+backbone"])
-def test_dense_checkpoint_in_every_layout(tmp_path, layout):
-    src = randomised(um.create_model("uniformer_small", features_only=True, hybrid=True))
+def test_dense_checkpoint_in_every_layout(tmp_path, dense_small, layout):
+    src = dense_small
     state, others = src.state_dict(), []
     if layout in ("seg", "det"):
         checkpoint, others = _mm_checkpoint(state, layout)

@@ -60,8 +60,9 @@ def test_official_keys_build_the_dense_backbone_and_load_pretrained(tmp_path):
 
 def test_use_checkpoint_is_passed_on_or_refused():
     kwargs = dict(OFFICIAL_BACKBONE, use_checkpoint=True, checkpoint_num=[0, 0, 8, 0])
-    if CHECKPOINTING:
-        assert openmmlab.UniFormer(**kwargs).use_checkpoint
+    if CHECKPOINTING:  # the reference backbone takes the official arguments: passed on as they are
+        maps = openmmlab.UniFormer(**kwargs)(torch.randn(1, 3, 64, 64))
+        assert [m.shape[1] for m in maps] == [64, 128, 320, 512]
     else:
         with pytest.raises(NotImplementedError, match="use_checkpoint"):
             openmmlab.UniFormer(**kwargs)
