@@ -13,16 +13,16 @@ from .uniformer_light import EvoSABlock, UniFormerLight
 from .uniformer_video import UniFormerVideo
 
 # timm's registry gets every variant when timm imports (timm needs a torchvision that matches
-# torch; a failed import is kept in TIMM_MISSING_REASON instead of breaking this package)
+# torch). A failure is kept in TIMM_MISSING_REASON instead of breaking this package.
 try:
     import timm as _timm  # noqa: F401
-except Exception as err:  # ImportError, or torchvision's RuntimeError beside another torch
-    TIMM_MISSING_REASON = f"{type(err).__name__}: {err}"
-else:
+
     from .timm_models import register as _register_timm
 
     _register_timm()
     TIMM_MISSING_REASON = ""
+except Exception as err:  # ImportError, or torchvision's RuntimeError beside another torch
+    TIMM_MISSING_REASON = f"{type(err).__name__}: {err}"
 
 __all__ = [
     "list_models", "create_model", "load_checkpoint", "adapt_state_dict", "inflate_weight",

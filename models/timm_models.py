@@ -172,15 +172,14 @@ def _entry(name: str):
 
 def register() -> list[str]:
     """Register every TIMM_VARIANTS name with timm (once). Returns the names."""
-    from timm.models import generate_default_cfgs, register_model
-    from timm.models._registry import _model_entrypoints
+    from timm.models import generate_default_cfgs, is_model, register_model
 
     global default_cfgs
     default_cfgs = generate_default_cfgs({
         f"{name}.{tag}": _pretrained_cfg(name, *files)
         for name, tags in PRETRAINED_FILES.items() for tag, files in tags.items()})
     for name in TIMM_VARIANTS:
-        if name in _model_entrypoints:
+        if is_model(name):  # registered already (a second import, or a timm of the future)
             continue
         entry = _entry(name)
         globals()[name] = entry  # timm reads the default cfgs from the entry's module
