@@ -8,7 +8,9 @@
 #   3. pip install --no-build-isolation . as users run it (FORCE_CUDA unset: the path with the
 #      fallback, which must not be taken); `python -m uniformer_kernels` must say with_cuda True and
 #      the archs, cuobjdump must list a cubin per arch, and the CPU ops must pass a fast test subset;
-#   4. one .cu made to fail (#error): without FORCE_CUDA pip install must succeed, CPU-only, with the
+#   4. the timm / OpenMMLab integration tests in the same venv, against that install
+#      (scripts/ci_integration.sh: torchvision, timm, mmengine; pytest -m integration);
+#   5. one .cu made to fail (#error): without FORCE_CUDA pip install must succeed, CPU-only, with the
 #      warning and the reason in build_info and the report; with FORCE_CUDA=1 it must fail.
 # Environment:
 #   TORCH_CUDA_SPEC       CUDA torch to build against (default torch==2.14.1)
@@ -16,6 +18,7 @@
 #   CUDA_HOME             CUDA toolkit (default: found from nvcc, which may be a wrapper script)
 #   MAX_JOBS              parallel compile jobs (default 2)
 #   KEEP_CUDA_BUILD=1     keep the scratch folder (venv, tree, logs) and print where it is
+#   SKIP_INTEGRATION=1    skip step 4
 #   CUDA_VENV             an existing virtualenv with the CUDA torch to use (and keep) instead of
 #                         step 1's, for reruns while developing
 set -euo pipefail
@@ -131,7 +134,13 @@ step "CPU tests in the CUDA venv (package; depthwise and pos_embed_norm CPU pari
     -k "test_package or (cpu and (matches_float64 or 16bit or opcheck))") \
     || die "tests failed in the CUDA venv"
 
-# --- 4. a CUDA compile error ----------------------------------------------------------------------
+# --- 4. timm / OpenMMLab integration --------------------------------------------------------------
+if [[ ${SKIP_INTEGRATION:-0} != 1 ]]; then
+    step "timm / OpenMMLab integration tests in the CUDA venv (scripts/ci_integration.sh)"
+    bash "$repo/scripts/ci_integration.sh" "$py" "$src/tests" || die "integration tests failed"
+fi
+
+# --- 5. a CUDA compile error ----------------------------------------------------------------------
 broken=$(cd "$src" && ls csrc/cuda/*.cu | head -n 1)
 echo '#error injected by scripts/ci_cuda_build.sh' >>"$src/$broken"
 step "build with an #error in $broken, FORCE_CUDA unset: CPU-only, with a warning"

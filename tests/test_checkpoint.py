@@ -160,3 +160,97 @@ def test_unsafe_pickle_is_refused_with_advice(tmp_path):
     torch.save({"model": um.create_model("uniformer_xxs").state_dict(), "cfg": object()}, path)
     with pytest.raises(ValueError, match="weights_only=False"):
         um.load_checkpoint(um.create_model("uniformer_xxs"), path)
+
+
+# --- official layouts: wrappers, prefixes, dense backbones, layer scale --------------------------
+
+def _mm_checkpoint(backbone_state, kind):
+    """A checkpoint as OpenMMLab saves a whole segmentor or detector: meta plus every module's
+    tensors under their module names, the backbone's under "backbone."."""
+    others = {"seg": ("decode_head.conv_seg.weight", "auxiliary_head.conv_seg.bias"),
+              "det": ("neck.lateral_convs.0.conv.weight", "rpn_head.rpn_conv.weight")}[kind]
+    state = {f"backbone.{k}": v for k, v in backbone_state.items()}
+    state.update({k: torch.randn(3) for k in others})
+    return {"meta": {"mmseg_version": "0.x", "CLASSES": ("a", "b")}, "state_dict": state}, list(others)
+
+
+@pytest.fixture(scope="module")
+def dense_small():
+    return randomised(um.create_model("uniformer_small", features_only=True, hybrid=True))
+
+
+@pytest.mark.parametrize("layout", ["plain", "model", "state_dict", "module", "model+module",
+                                    "seg", "det", "module+backbone"])
+def test_dense_checkpoint_in_every_layout(tmp_path, dense_small, layout):
+    src = dense_small
+    state, others = src.state_dict(), []
+    if layout in ("seg", "det"):
+        checkpoint, others = _mm_checkpoint(state, layout)
+    elif layout == "module+backbone":
+        inner, others = _mm_checkpoint(state, "seg")
+        checkpoint = {"state_dict": {f"module.{k}": v for k, v in inner["state_dict"].items()}}
+    else:
+        if "module" in layout:
+            state = {f"module.{k}": v for k, v in state.items()}
+        checkpoint = state if layout in ("plain", "module") else {layout.split("+")[0]: state}
+    path = tmp_path / "ckpt.pth"
+    torch.save(checkpoint, path)
+    dst = um.create_model("uniformer_small", features_only=True, hybrid=True)
+    report = um.load_checkpoint(dst, path)
+    assert sorted(report.dropped) == sorted(others)
+    assert report.missing == report.unexpected == report.initialised == []
+    for key, value in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("name", ["uniformer_small", "uniformer_small_plus", "uniformer_xxs"])
+def test_classification_checkpoint_starts_dense_backbone(name):
+    """The official segmentation/detection start: ImageNet weights into the dense backbone, the
+    classifier's head and BatchNorm left out, norm1..norm4 kept at their initial values."""
+    classifier = randomised(um.create_model(name)).eval()
+    dense = um.create_model(name, features_only=True).eval()
+    fresh = {k: v.clone() for k, v in dense.state_dict().items() if k.startswith("norm")}
+    assert sorted(fresh) == [f"norm{i}.{p}" for i in range(1, 5) for p in ("bias", "weight")]
+    report = um.load_checkpoint(dense, {"model": classifier.state_dict()})
+    assert sorted(report.initialised) == sorted(fresh)
+    assert report.missing == report.unexpected == [] and report.dropped
+    assert all(k.startswith(("head.", "head_cls.", "aux_head.", "norm.", "norm_cls."))
+               for k in report.dropped)
+    assert set(report.dropped) == set(classifier.state_dict()) - set(dense.state_dict())
+    for key, value in dense.state_dict().items():
+        expected = fresh[key] if key in fresh else classifier.state_dict()[key]
+        assert torch.equal(value, expected), key
+    # the last map is the classifier's stage-4 tokens through the (identity-affine) LayerNorm
+    stage4 = []
+    classifier.blocks4[-1].register_forward_hook(lambda m, i, o: stage4.append(o))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        classifier(x)
+        c4 = dense(x)[3]
+    tokens = stage4[0][1] if isinstance(stage4[0], tuple) else stage4[0]  # light: (cls, x)
+    want = F.layer_norm(tokens.permute(0, 2, 3, 1), tokens.shape[1:2], eps=1e-6).permute(0, 3, 1, 2)
+    torch.testing.assert_close(c4, want)
+
+
+def test_dense_checkpoint_into_classifier_is_refused_with_hint():
+    dense = um.create_model("uniformer_small", features_only=True).state_dict()
+    with pytest.raises(ValueError, match="features_only=True"):
+        um.load_checkpoint(um.create_model("uniformer_small"), dense)
+
+
+def test_layer_scale_checkpoint_loads_strict_and_mismatch_gives_hint():
+    ls = randomised(um.create_model("uniformer_base_ls", num_classes=10)).state_dict()
+    assert any(".gamma_1" in k for k in ls)
+    dst = um.create_model("uniformer_base_ls", num_classes=10)
+    um.load_checkpoint(dst, {"model": ls})
+    assert torch.equal(dst.blocks3[0].gamma_1, ls["blocks3.0.gamma_1"])
+    with pytest.raises(ValueError, match="layer-scale gammas .*: it is a \\*_ls model"):
+        um.load_checkpoint(um.create_model("uniformer_base", num_classes=10), ls)
+    plain = um.create_model("uniformer_base", num_classes=10).state_dict()
+    with pytest.raises(ValueError, match="variant without _ls"):
+        um.load_checkpoint(dst, plain)
+    # the dense form of an _ls classifier: gammas load, head and norm are left out
+    dense = um.create_model("uniformer_base_ls", features_only=True)
+    report = um.load_checkpoint(dense, ls)
+    assert torch.equal(dense.blocks4[1].gamma_2, ls["blocks4.1.gamma_2"])
+    assert len(report.initialised) == 8
