@@ -22,7 +22,7 @@ log() { echo "[integration] $*"; }
 die() { echo "[integration] FAILED: $*" >&2; exit 1; }
 
 TORCHVISION_SPEC=${TORCHVISION_SPEC:-torchvision==0.29.1}
-INTEGRATION_PACKAGES=${INTEGRATION_PACKAGES:-timm mmengine}
+INTEGRATION_PACKAGES=${INTEGRATION_PACKAGES:-timm==1.0.31 mmengine==0.10.7}
 log "installing $TORCHVISION_SPEC $INTEGRATION_PACKAGES"
 # shellcheck disable=SC2086
 "$py" -m pip install --quiet "$TORCHVISION_SPEC" $INTEGRATION_PACKAGES \
