@@ -10,7 +10,7 @@
 #     PYTHON     the venv's python, with torch 2.14.1 and uniformer_kernels installed
 #     TESTS_DIR  the tests/ folder of the tree that was installed
 # Environment: TORCHVISION_SPEC (default torchvision==0.29.1), INTEGRATION_PACKAGES (default
-# "timm mmengine").
+# "timm==1.0.31 mmengine==0.10.7").
 # UK_REQUIRE_INTEGRATION=1 makes a missing timm or mmengine fail the tests instead of skipping them.
 set -euo pipefail
 
