@@ -11,7 +11,7 @@
 Other arguments go to the benchmarks' pytest (e.g. ``--budget 2``, ``--threads 1``).
 
 Default plan: parity of UniFormer-S, XXS, video S and the dense S hybrid backbone (float32 vs
-float64, reference and ``uk.accelerate``, small inputs); then one pytest session: ``uk.accelerate``
+float64, reference and ``uk.accelerate``, at 64 px, 2x64 px video, dense 128 px); then one pytest session: ``uk.accelerate``
 vs eager and ``torch.compile`` on those four models, inference and a training step (CPU: batch 1,
 224 / 8x224 / 512; GPU: batch 64, 64, 8, 8), and a short op summary (two depthwise convs and two
 attention shapes, eager baselines vs ours). Each case prints one line as it finishes, with the
@@ -40,8 +40,9 @@ def plan(mode: str, out_dir: Path, extra: list[str]) -> dict[str, list[str]]:
     parity = ["-m", "bench.parity", "--run-dir", str(out_dir)]
     if mode == "quick":
         parity.append("--quick")
-    elif mode == "default":
-        parity += ["--models", PARITY_CASES]
+    elif mode == "default":  # the four headline models at small sizes (numerics, not scale)
+        parity += ["--models", PARITY_CASES, "--img-size", "64", "--dense-size", "128",
+                   "--frames", "2"]
     files = FULL_BENCHES if mode == "full" else MAIN_BENCHES
     bench = ["-m", "pytest", *(f"bench/{f}" for f in files), "-s", "-q", "-p", "no:cacheprovider",
              "--run-dir", str(out_dir),
