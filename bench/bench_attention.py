@@ -91,6 +91,9 @@ def _cases(batch: int) -> list[dict]:
     return cases
 
 
+MAIN_CASES = ("S-224-global-N196", "dense-S-hybrid-512-window14-32x32")
+
+
 def bench_params(settings) -> list[dict]:
     cases = _cases(settings.batch)
     names = [c["name"] for c in cases]
@@ -99,12 +102,18 @@ def bench_params(settings) -> list[dict]:
         if unknown:
             raise ValueError(f"--models: unknown {unknown}; known: {', '.join(names)}")
         cases = [c for c in cases if c["name"] in settings.models]
+    elif settings.main:  # make main's op summary: S stage 3 and dense S's windows
+        cases = [c for c in cases if c["name"] in MAIN_CASES]
     elif settings.quick:  # the first case of each kind
         first = {}
         for case in cases:
             first.setdefault(case["kind"], case)
         cases = list(first.values())
     device = torch.device(settings.device)
+    if settings.main and not settings.impls:
+        impls = ["eager"] + [f"ours_{name}" for name in _our_backends(device)]
+        return [dict(case, mode=mode, impl=impl, id=f"{case['name']}-{mode}-{impl}")
+                for case in cases for mode in settings.modes for impl in impls]
     impls = settings.impls or (["eager", "compile"]
                                + [f"sdpa_{name}" for name in SDPA_BACKENDS[device.type]]
                                + [f"ours_{name}" for name in _our_backends(device)])

@@ -67,9 +67,21 @@ def bench_cases(settings) -> dict[str, dict]:
     return cases
 
 
+# make main's op summary (--main): a 2-D and a 3-D 5x5 conv of the models' first stage, against
+# the reference's NCHW conv and channels-last (oneDNN / cuDNN), fwd and fwd+bwd
+MAIN_CASES = ("S-224:CBlock:local:", "video-S-8x224:CBlock:local:")
+MAIN_IMPLS = ("eager_nchw", "eager_cl")
+
+
 def bench_params(settings) -> list[dict]:
     cases = bench_cases(settings)
     names = list(cases)
+    if settings.main and not settings.models:
+        names = [next(n for n in cases if n.startswith(prefix)) for prefix in MAIN_CASES]
+        impls = settings.impls or (list(MAIN_IMPLS)
+                                   + [f"ours_{b}" for b in _our_backends(torch.device(settings.device))])
+        return [dict(cases[name], case=name, mode=mode, impl=impl, id=f"{name}-{mode}-{impl}")
+                for name in names for mode in settings.modes for impl in impls]
     if settings.models:
         unknown = [m for m in settings.models if m not in cases]
         if unknown:

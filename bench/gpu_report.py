@@ -45,12 +45,20 @@ def _ok(row: dict | None) -> bool:
 
 
 def _load_benches(scratch: Path) -> dict[str, dict]:
+    """Every bench JSON under ``scratch/<slug>/`` (run_gpu.sh) or directly in ``scratch`` (a run
+    folder of make main), keyed ``<slug>/<bench>``; other JSON files (parity, pytest-benchmark's)
+    are left out."""
     benches = {}
-    for path in sorted(scratch.glob("*/*.json")):
+    for path in sorted(scratch.glob("*/*.json")) + sorted(scratch.glob("*.json")):
         try:
-            benches[f"{path.parent.name}/{path.stem}"] = json.loads(path.read_text())
+            data = json.loads(path.read_text())
         except (OSError, ValueError) as exc:  # a half-written file must not lose the others
             print(f"gpu_report: cannot read {path}: {exc}", file=sys.stderr)
+            continue
+        if not (isinstance(data, dict) and "bench" in data and "rows" in data):
+            continue
+        slug = path.parent.name if path.parent != scratch else data.get("device_slug", "?")
+        benches[f"{slug}/{path.stem}"] = data
     return benches
 
 
@@ -106,8 +114,7 @@ def compact_table(benches: dict[str, dict]) -> str:
             for b in base:
                 r = line["baselines"][b]
                 if _ok(r):
-                    ratio = f"{r['median_ms'] / ours['median_ms']:.2f}" if ours else ""
-                    cells += [ratio, _roof(r)]
+                    cells += [results.ratio_text(r, ours), _roof(r)]
                 else:
                     cells += ["fail" if r and r.get("error") else "", ""]
             if mem:
@@ -123,7 +130,9 @@ def compact_table(benches: dict[str, dict]) -> str:
         return "(no benchmark rows)"
     legend = ("`x B` = B's median / ours (same run; > 1: ours faster). `roof` = roofline time / "
               "measured time (roofline: max(FLOPs / measured GEMM peak, bytes / measured copy "
-              "bandwidth), bench/README.md).")
+              "bandwidth), bench/README.md). `~1.23`: ours or B was noisy (measured twice "
+              "under load or with a wide p20-p80 spread; see the JSON's `noise`): not a clean "
+              "ratio.")
     return legend + "\n\n" + "\n\n".join(parts)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import gc
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -32,7 +33,16 @@ __all__ = [
     "free_memory",
     "timed_call",
     "device_name",
+    "LoadProbe",
+    "noise_reasons",
+    "MAX_CONTENTION",
+    "MAX_SPREAD",
 ]
+
+# A case is noisy when other processes took more than this share of the CPUs its threads need
+# (or the hypervisor stole it), or when its p20-p80 spread exceeds this share of the median.
+MAX_CONTENTION = 0.10
+MAX_SPREAD = 0.10
 
 
 @dataclass(frozen=True)
@@ -305,3 +315,85 @@ def roofline_ms(peaks: dict, *, flops: float | None = None, nbytes: float | None
     if nbytes:
         bounds.append(nbytes / (peaks["copy_gbs"] * 1e9) * 1e3)
     return max(bounds) if bounds else None
+
+
+# --------------------------------------------------------------------------------------------
+# Machine load during a case
+
+
+def _proc_stat() -> tuple[float, float, float] | None:
+    """(busy, steal, total) jiffies summed over all CPUs, from /proc/stat; None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    v = [float(x) for x in fields[1:9]] + [0.0] * max(0, 8 - len(fields[1:9]))
+    user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
+    return user + nice + system + irq + softirq, steal, sum(v[:8])
+
+
+def contention(*, wall_s: float, self_cpu_s: float, busy_s: float, steal_s: float,
+               cpus: int, threads: int) -> float:
+    """Share of the CPU time this process's ``threads`` needed that others had: other processes'
+    CPU use beyond the CPUs this process leaves idle, plus time stolen by the hypervisor, over
+    ``threads x wall``. 0 on a quiet machine; 0.5: half of it went elsewhere."""
+    if wall_s <= 0 or threads <= 0:
+        return 0.0
+    other_cpus = max(0.0, busy_s - self_cpu_s) / wall_s
+    spare = max(0, cpus - threads)
+    return max(0.0, other_cpus - spare) / threads + steal_s / wall_s / threads
+
+
+class LoadProbe:
+    """Measures what else ran on the machine while a case was timed::
+
+        probe = LoadProbe(threads=torch.get_num_threads())
+        ... time the case ...
+        load = probe.stop()   # {"contention": 0.02, "other_cpus": 0.04, "steal_cpus": 0.0,
+                              #  "loadavg_1min": 2.1} or {} where /proc/stat is missing
+
+    Other processes' CPU time is the machine's busy time (/proc/stat) minus this process's own
+    (all its threads, OpenMP spin-waits included); see :func:`contention`.
+    """
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self.cpus = os.cpu_count() or 1
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._t0 = time.perf_counter()
+        self._cpu0 = time.process_time()
+        self._stat0 = _proc_stat()
+
+    def stop(self) -> dict:
+        wall = time.perf_counter() - self._t0
+        self_cpu = time.process_time() - self._cpu0
+        stat1 = _proc_stat()
+        if self._stat0 is None or stat1 is None or wall <= 0:
+            return {}
+        busy = (stat1[0] - self._stat0[0]) / self._tick
+        steal = (stat1[1] - self._stat0[1]) / self._tick
+        return {
+            "contention": round(contention(wall_s=wall, self_cpu_s=self_cpu, busy_s=busy,
+                                           steal_s=steal, cpus=self.cpus,
+                                           threads=self.threads), 3),
+            "other_cpus": round(max(0.0, busy - self_cpu) / wall, 2),
+            "steal_cpus": round(steal / wall, 2),
+            "loadavg_1min": round(os.getloadavg()[0], 2),
+        }
+
+
+def noise_reasons(timing: Timing, load: dict, *, max_contention: float = MAX_CONTENTION,
+                  max_spread: float = MAX_SPREAD) -> list[str]:
+    """Why a timing is not clean: ``["load 35 %", "spread 22 %"]``, or ``[]``."""
+    reasons = []
+    c = load.get("contention")
+    if c is not None and c > max_contention:
+        reasons.append(f"load {100 * c:.0f} %")
+    if timing.median_ms and math.isfinite(timing.median_ms) and timing.median_ms > 0:
+        spread = (timing.p80_ms - timing.p20_ms) / timing.median_ms
+        if spread > max_spread:
+            reasons.append(f"spread {100 * spread:.0f} %")
+    return reasons

@@ -7,9 +7,10 @@ input and weights), the float32 error against the same randomised model in float
 The numerical contract asks the accelerated model to stay within 1e-4 relative in float32; the
 op-level parity (every op x backend) is in the test suite.
 
-    python -m bench.parity [--quick] [--models a,b] [--img-size 128] [--results-dir DIR]
+    python -m bench.parity [--quick] [--models a,b] [--img-size 128] [--results-dir DIR | --run-dir DIR]
 
-Writes ``parity.json`` and ``parity.md`` under ``bench/results/<device>/`` and prints the table.
+Writes ``parity.json`` and ``parity.md`` into ``--run-dir``, else ``<--results-dir>/<host-slug>/``,
+else a fresh ``bench/results/runs/<host-slug>-<time>/``, and prints one line per model.
 """
 from __future__ import annotations
 
@@ -17,13 +18,12 @@ import argparse
 import copy
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench.results import DEFAULT_RESULTS_DIR, collect_env, device_slug
+from bench.results import check_same_host, collect_env, device_slug, host_label, new_run_dir
 from bench.shapes import DENSE_CASES, build_model, import_models, model_input
 from uniformer_kernels import accelerate, ops
 from uniformer_kernels.testing import randomize_state_, rel_error, tolerance
@@ -92,8 +92,10 @@ def main(argv=None) -> int:
     # channel over space alone, so the pooled features, logits and loss no longer depend on x
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--results-dir", type=Path, default=None,
-                        help=f"default {DEFAULT_RESULTS_DIR}; with --quick a temp dir, so a smoke "
-                             f"run never overwrites the committed results (as the benches do)")
+                        help="results root: files go to <dir>/<host-slug>/ (bench/results to "
+                             "commit them); default: a fresh bench/results/runs/<host-slug>-<time>/")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="folder the files go to directly (make main's run folder)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: one model of each kind at tiny sizes")
@@ -101,9 +103,6 @@ def main(argv=None) -> int:
     if args.quick:
         args.img_size, args.dense_size, args.frames = 64, 128, 2
         args.models = args.models or QUICK_CASES
-    if args.results_dir is None:
-        args.results_dir = (Path(tempfile.gettempdir()) / "uniformer_kernels_bench_quick"
-                             if args.quick else DEFAULT_RESULTS_DIR)
     device = torch.device(args.device)
     # float32 means float32: TF32 convs/matmuls (cuDNN's default) would read as a 1e-3 "error"
     torch.backends.cudnn.allow_tf32 = False
@@ -139,12 +138,22 @@ def main(argv=None) -> int:
             + f"  {'ok' if row['ok'] else 'ABOVE TOLERANCE'}  ({time.perf_counter() - start:.1f} s)",
             flush=True)
 
-    out_dir = args.results_dir / device_slug(device)
+    if args.run_dir is not None:
+        out_dir = args.run_dir
+    elif args.results_dir is not None:
+        out_dir = args.results_dir / device_slug(device)
+    else:
+        out_dir = new_run_dir(device_slug(device), tag="quick" if args.quick else "")
     out_dir.mkdir(parents=True, exist_ok=True)
+    env = collect_env(device, torch.float32)
+    if (out_dir / "parity.json").exists():  # never replace another host's table
+        old = json.loads((out_dir / "parity.json").read_text()).get("env") or {}
+        check_same_host({"runs": {old.get("run_id"): old}}, env, out_dir / "parity.json")
     (out_dir / "parity.json").write_text(json.dumps(
-        {"env": collect_env(device, torch.float32), "fused_ops": fused, "models": rows}, indent=1))
+        {"env": env, "fused_ops": fused, "models": rows}, indent=1))
     lines = ["# Parity: float32 vs float64 eager, reference and `uk.accelerate`", "",
-             f"Fused ops: {', '.join(fused)}.", "",
+             f"Measured on {host_label(env.get('host'))}, torch {env.get('torch')}, commit "
+             f"{str(env.get('git_commit'))[:12]}. Fused ops: {', '.join(fused)}.", "",
              "Relative error ||fp32 - fp64|| / ||fp64|| against the same randomised model in "
              "float64 eager, for the reference model in float32 (ref) and the accelerated float32 "
              "model (ours): eval outputs; train-mode gradients of a fixed weighted sum of the "

@@ -1,4 +1,11 @@
-"""The one results writer: rows -> ``bench/results/<device-slug>/<bench>.{json,md,png}``.
+"""The one results writer: rows -> ``<folder>/<bench>.{json,md,png}``.
+
+The folder: a fresh, untracked ``bench/results/runs/<host-slug>-<YYYYmmdd-HHMMSS>/`` per run by
+default (:func:`new_run_dir`); ``<results-dir>/<host-slug>/`` when a results root is named
+(``--results-dir bench/results`` is how results get committed, deliberately). The host slug names
+the machine: ``cpu-<model>-<isa>-<N>t`` or the GPU's name (:func:`device_slug`). Rows from
+different hosts are never merged: writing into a file that holds another host's runs raises
+:class:`HostMismatch`.
 
 A row is a dict with (at least) ``bench, case, shape, mode, impl, median_ms`` and optionally
 ``p20_ms, p80_ms, rounds, timer, flops, bytes, roofline_ms, dtype, batch, compile_s, error``.
@@ -31,7 +38,12 @@ MODE_ORDER = ("fwd", "fwd+bwd")
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RUN_ID = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
-__all__ = ["device_slug", "collect_env", "write_results", "render", "RUN_ID"]
+__all__ = ["device_slug", "host_info", "new_run_dir", "collect_env", "write_results", "render",
+           "RUN_ID", "HostMismatch"]
+
+
+class HostMismatch(ValueError):
+    """Rows of one host would be merged into a file that holds another host's rows."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -44,21 +56,128 @@ def _slugify(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
 
 
-def device_slug(device) -> str:
-    """``nvidia-h100`` (memory size and form factor dropped, PCIe kept), or ``cpu-<model>-<N>t``
-    with N the number of threads torch uses (results on 2 and 64 threads must not mix)."""
+def cpu_isa(flags: set[str] | None = None) -> str:
+    """The widest vector ISA of this CPU, as the benchmarks care: ``avx512`` (``-amx`` with AMX
+    tiles), ``avx2``, ``avx``, ``sse``, or the machine name (e.g. ``aarch64``) elsewhere."""
+    if flags is None:
+        flags = _cpu_flags()
+    if "avx512f" in flags:
+        return "avx512-amx" if "amx_tile" in flags else "avx512"
+    for isa in ("avx2", "avx"):
+        if isa in flags:
+            return isa
+    if flags & {"sse4_2", "sse2"}:
+        return "sse"
+    return platform.machine().lower() or "unknown"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cpu_ids() -> dict:
+    """cpu family / model / stepping from /proc/cpuinfo: a VM's model name is often just
+    "AMD EPYC", and these tell two generations apart."""
+    ids = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("cpu family", "model", "stepping") and key not in ids:
+                    ids[key] = value.strip()
+                if not line.strip() and ids:
+                    break
+    except OSError:
+        pass
+    return ids
+
+
+def host_info(device) -> dict:
+    """What makes two result files comparable: the device's model, and on CPU the vector ISA,
+    family/model ids, the threads torch uses and the logical CPUs the machine has."""
     import torch
 
     from bench.harness import device_name
 
     dev = torch.device(device)
-    name = device_name(dev)
+    info = {"kind": dev.type, "name": device_name(dev)}
     if dev.type == "cuda":
-        slug = _slugify(name)
+        props = torch.cuda.get_device_properties(dev)
+        info["capability"] = f"{props.major}.{props.minor}"
+        info["sm_count"] = props.multi_processor_count
+    else:
+        info.update(isa=cpu_isa(), ids=_cpu_ids(), threads=torch.get_num_threads(),
+                    logical_cpus=os.cpu_count())
+    return info
+
+
+def slug_of(host: dict) -> str:
+    """``nvidia-h100`` (memory size and form factor dropped, PCIe kept), or
+    ``cpu-<model>-<isa>-<N>t`` with N the threads torch uses (2 and 64 threads must not mix)."""
+    slug = _slugify(host["name"])
+    if host["kind"] == "cuda":
         slug = re.sub(r"-(\d+gb|hbm\d*e?|sxm\d*)(?=-|$)", "", slug)
         return slug if slug.startswith(("nvidia", "amd")) else "gpu-" + slug
-    slug = _slugify(name)
-    return f"cpu-{slug or 'unknown'}-{torch.get_num_threads()}t"
+    return f"cpu-{slug or 'unknown'}-{host['isa']}-{host['threads']}t"
+
+
+def device_slug(device) -> str:
+    """The host slug of ``device`` (see :func:`slug_of`)."""
+    return slug_of(host_info(device))
+
+
+def host_label(host: dict | None) -> str:
+    """A table's "measured on": e.g. ``AMD EPYC (family 25 model 1), avx2, 2 threads of 2``."""
+    if not host:
+        return "unknown host"
+    if host.get("kind") == "cuda":
+        return f"{host.get('name')} (sm {host.get('capability')})"
+    ids = host.get("ids") or {}
+    idtxt = (f" (family {ids.get('cpu family')} model {ids.get('model')})"
+             if ids.get("cpu family") else "")
+    return (f"{host.get('name')}{idtxt}, {host.get('isa')}, {host.get('threads')} threads of "
+            f"{host.get('logical_cpus')} logical CPUs")
+
+
+def _host_identity(env: dict) -> tuple:
+    """What must match for two runs' rows to share a table (not the CPU count of the VM)."""
+    host = env.get("host")
+    if not host:  # results written before hosts were recorded: device name and threads
+        return ("legacy", env.get("device"), env.get("threads"))
+    if host.get("kind") == "cuda":
+        return ("cuda", host.get("name"), host.get("capability"))
+    ids = host.get("ids") or {}
+    return ("cpu", host.get("name"), host.get("isa"), host.get("threads"),
+            ids.get("cpu family"), ids.get("model"))
+
+
+RUNS_DIR = Path(__file__).resolve().parent / "results" / "runs"
+
+
+def run_dir_name(slug: str, when: _dt.datetime | None = None, tag: str = "") -> str:
+    """``<slug>-<YYYYmmdd-HHMMSS>[-tag]`` (UTC)."""
+    when = when or _dt.datetime.now(_dt.timezone.utc)
+    return f"{slug}-{when.strftime('%Y%m%d-%H%M%S')}" + (f"-{tag}" if tag else "")
+
+
+def new_run_dir(slug: str, tag: str = "", root: Path | None = None) -> Path:
+    """A fresh folder for one run's results under ``bench/results/runs/`` (gitignored)."""
+    root = Path(root) if root else RUNS_DIR
+    path = root / run_dir_name(slug, tag=tag)
+    n = 1
+    while path.exists():  # two runs in the same second
+        n += 1
+        path = root / f"{run_dir_name(slug, tag=tag)}-{n}"
+    path.mkdir(parents=True)
+    return path
 
 
 def _git_commit() -> tuple[str, bool | None]:
@@ -85,12 +204,14 @@ def collect_env(device, dtype=None, peaks: dict | None = None, options: dict | N
     from bench.harness import device_name
 
     dev = torch.device(device)
+    host = host_info(dev)
     commit, dirty = _git_commit()
     env = {
         "run_id": RUN_ID,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(dev),
-        "device_slug": device_slug(dev),
+        "device_slug": slug_of(host),
+        "host": host,
         "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
         "torch": torch.__version__,
         "triton": _version("triton"),
@@ -130,15 +251,31 @@ def _key(row: dict) -> tuple:
     return tuple(json.dumps(row.get(k), sort_keys=True) for k in ROW_KEY)
 
 
-def write_results(bench: str, rows: Iterable[dict], env: dict, results_dir=None, *,
-                  png: bool = True) -> Path:
-    """Merge ``rows`` into ``<results_dir>/<device-slug>/<bench>.json`` and re-render md (and png).
+def check_same_host(data: dict, env: dict, path=None) -> None:
+    """Raise :class:`HostMismatch` if ``data`` (a results file) holds a run of another host."""
+    mine = _host_identity(env)
+    for run_id, other in (data.get("runs") or {}).items():
+        if run_id != env.get("run_id") and _host_identity(other) != mine:
+            raise HostMismatch(
+                f"{path or data.get('bench')}: holds run {run_id} from "
+                f"{host_label(other.get('host')) if other.get('host') else other.get('device')}, "
+                f"this run is on {host_label(env.get('host'))}: rows of different hosts are never "
+                f"merged into one table; write into another folder")
 
-    Returns the JSON path. ``env`` comes from :func:`collect_env` (its ``device_slug`` picks the
-    folder and its ``run_id`` is stamped on rows that lack one).
+
+def write_results(bench: str, rows: Iterable[dict], env: dict, results_dir=None, *,
+                  png: bool = True, out_dir=None) -> Path:
+    """Merge ``rows`` into ``<out_dir>/<bench>.json`` and re-render md (and png).
+
+    ``out_dir`` defaults to ``<results_dir>/<device-slug>/`` (``results_dir`` defaults to
+    ``bench/results``). Returns the JSON path. ``env`` comes from :func:`collect_env` (its
+    ``device_slug`` picks the folder and its ``run_id`` is stamped on rows that lack one).
+    Raises :class:`HostMismatch` when the file holds rows of another host.
     """
-    results_dir = Path(results_dir) if results_dir else DEFAULT_RESULTS_DIR
-    out_dir = results_dir / env["device_slug"]
+    if out_dir is None:
+        results_dir = Path(results_dir) if results_dir else DEFAULT_RESULTS_DIR
+        out_dir = results_dir / env["device_slug"]
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{bench}.json"
 
@@ -148,6 +285,7 @@ def write_results(bench: str, rows: Iterable[dict], env: dict, results_dir=None,
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             path.rename(path.with_suffix(".json.corrupt"))
+    check_same_host(data, env, path)
 
     run_id = env.get("run_id", RUN_ID)
     data.setdefault("runs", {})[run_id] = env
@@ -230,6 +368,14 @@ def _fmt_shape(shape) -> str:
     return str(shape)
 
 
+def ratio_text(base: dict | None, ours: dict | None, mark: str = "") -> str:
+    """``base time / ours`` to 2 decimals; ``~`` in front when either time is marked noisy."""
+    if not (_ok(base) and _ok(ours)):
+        return ""
+    noisy = "~" if base.get("noisy") or ours.get("noisy") else ""
+    return f"{noisy}{base['median_ms'] / ours['median_ms']:.2f}{mark}"
+
+
 def _line_stats(impl_rows: dict[str, dict]) -> dict:
     ok = {i: r for i, r in impl_rows.items() if _ok(r)}
     any_row = next(iter(impl_rows.values()))
@@ -259,8 +405,9 @@ def render_markdown(data: dict) -> str:
         quick = (" — **QUICK smoke run, not a measurement**"
                  if (env.get("options") or {}).get("quick") else "")
         dirty = " (dirty)" if env.get("git_dirty") else ""
-        lines.append(f"- run `{run_id}`: {env.get('date')}, {env.get('device')}, "
-                     f"{env.get('threads')} threads, torch {env.get('torch')}, "
+        where = (host_label(env["host"]) if env.get("host")
+                 else f"{env.get('device')}, {env.get('threads')} threads")
+        lines.append(f"- run `{run_id}`: {env.get('date')}, {where}, torch {env.get('torch')}, "
                      f"triton {env.get('triton')}, commit {str(env.get('git_commit'))[:12]}{dirty}"
                      f"{peak_txt}{quick}")
     lines += ["",
@@ -268,15 +415,16 @@ def render_markdown(data: dict) -> str:
               "`x compile` = compile time / `ours` time; both from the same run. Roofline = "
               "max(FLOPs / measured GEMM peak, bytes / measured copy bandwidth); `% roofline` is "
               "for the fastest implementation. Expect ±20 % between runs: compare ratios, not "
-              "times across files.", ""]
+              "times across files. `~` before a ratio and the last column: a time measured "
+              "twice under load or with a wide p20–p80 spread (noisy), so not a clean number.", ""]
 
     head = ["case", "shape", "mode", "dtype", "batch", "GFLOP"] + [f"{i} ms" for i in impls]
     head += [f"{i} x eager" for i in others if "eager" in impls]
     if "compile" in impls:
         head += [f"{i} x compile" for i in others if i != "compile"]
-    head += ["roofline ms", "% roofline", "fastest"]
+    head += ["roofline ms", "% roofline", "fastest", "noisy"]
     lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "|".join("---" if i < 4 or i == len(head) - 1 else "--:"
+    lines.append("|" + "|".join("---" if i < 4 or i >= len(head) - 2 else "--:"
                                 for i in range(len(head))) + "|")
 
     mixed_any = False
@@ -298,18 +446,11 @@ def render_markdown(data: dict) -> str:
         mixed_any |= st["mixed_runs"]
         if "eager" in impls:
             for i in others:
-                if "eager" in ok and i in ok:
-                    cells.append(f"{ok['eager']['median_ms'] / ok[i]['median_ms']:.2f}{mark}")
-                else:
-                    cells.append("")
+                cells.append(ratio_text(ok.get("eager"), ok.get(i), mark))
         if "compile" in impls:
             for i in others:
-                if i == "compile":
-                    continue
-                if "compile" in ok and i in ok:
-                    cells.append(f"{ok['compile']['median_ms'] / ok[i]['median_ms']:.2f}{mark}")
-                else:
-                    cells.append("")
+                if i != "compile":
+                    cells.append(ratio_text(ok.get("compile"), ok.get(i), mark))
         roof = st["roofline_ms"]
         cells.append(fmt_ms(roof) if roof else "")
         if roof and st["fastest"]:
@@ -317,6 +458,8 @@ def render_markdown(data: dict) -> str:
         else:
             cells.append("")
         cells.append(st["fastest"] or "")
+        cells.append(", ".join(f"{i} ({r.get('noise')})" for i, r in impl_rows.items()
+                               if r.get("noisy")))
         lines.append("| " + " | ".join(cells) + " |")
 
     if mixed_any:
@@ -415,11 +558,13 @@ def render_png(data: dict, path: Path) -> Path | None:
         ax.set_ylabel("ms (median, p20–p80)")
         ax.grid(axis="y", alpha=0.3, which="both")
         ax.margins(y=0.12)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False)
+        if ax.get_legend_handles_labels()[0]:  # a panel of failed cases has no bars
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False)
     runs = data.get("runs", {})
     last = list(runs.values())[-1] if runs else {}
     quick = " — QUICK smoke run" if (last.get("options") or {}).get("quick") else ""
-    fig.suptitle(f"{data.get('bench')} on {last.get('device', data.get('device_slug'))} "
+    where = host_label(last["host"]) if last.get("host") else last.get("device", data.get("device_slug"))
+    fig.suptitle(f"{data.get('bench')} on {where} "
                  f"(torch {last.get('torch')}, {str(last.get('date', ''))[:10]}){quick}\n"
                  "labels above bars: speed-up of the fastest vs eager", fontsize=10)
     fig.tight_layout()
