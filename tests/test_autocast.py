@@ -160,3 +160,15 @@ def test_every_drop_in_module_follows_autocast(kind, mode, device, dtype):
             for i, (out, ref) in enumerate(zip(got, exact)):
                 if out.is_floating_point():
                     assert_rel_close(out, ref, tol, name=f"{name} output {i} (input cast {cast})")
+
+
+def test_compiled_depthwise_conv_follows_autocast():
+    """Dynamo traces the autocast casts (aot_eager: no C++ inductor build on the CPU here)."""
+    torch._dynamo.reset()
+    conv = uk.nn.DepthwiseConv2d(16, 16, 3, padding=1, groups=16)
+    x = torch.randn(2, 16, 9, 7)
+    compiled = torch.compile(conv, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = compiled(x), conv(x)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
