@@ -4,8 +4,9 @@ The custom op's dispatch (dispatcher, autograd wrapper, the Python kernel's look
 call on a 2-vCPU AMD EPYC: more than the depthwise kernel itself at UniFormer's batch-1 stage-3/4
 shapes (~40 µs). Eager inference does not need it. Everything else does, and goes through the op:
 torch.compile and export (Dynamo, fake tensors, tracing modes must see the op), torch.jit.trace
-(whose tracer records dispatcher calls only, and would otherwise record the kernel's insides), autograd (a
-gradient to record), tensor subclasses, torch_function/torch_dispatch modes, functorch transforms.
+(its tracer records dispatcher calls: it would record the kernel's insides instead of the op),
+autograd (a gradient to record), tensor subclasses, torch_function/torch_dispatch modes,
+functorch transforms.
 The implementation is the same function either way, so both paths give the same result.
 """
 from __future__ import annotations
