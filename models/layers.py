@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 __all__ = ["DropPath", "Mlp", "CMlp", "Attention", "PatchEmbed", "head_embedding",
            "middle_embedding", "conv_nd", "batch_norm_nd", "init_weights"]
@@ -40,6 +41,28 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
+
+
+def check_checkpoint_num(use_checkpoint: bool, checkpoint_num) -> tuple[int, int, int, int]:
+    """The official video and dense backbones' activation checkpointing arguments, validated."""
+    num = tuple(checkpoint_num)
+    if len(num) != 4 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                for n in num):
+        raise ValueError(f"checkpoint_num: expected 4 non-negative ints (blocks per stage), got "
+                         f"{checkpoint_num!r}")
+    if not isinstance(use_checkpoint, bool):
+        raise TypeError(f"use_checkpoint: expected a bool, got {type(use_checkpoint).__name__}")
+    return num
+
+
+def run_block(model: nn.Module, stage: int, index: int, block: nn.Module, x):
+    """``block(x)``; with ``model.use_checkpoint``, the first ``model.checkpoint_num[stage]``
+    blocks of each stage (0-based) are recomputed in backward instead of keeping their
+    activations (torch.utils.checkpoint), as in the official video and dense code. Parameters and
+    state_dict are unchanged."""
+    if model.use_checkpoint and index < model.checkpoint_num[stage] and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+    return block(x)
 
 
 def drop_path_or_identity(drop_prob: float) -> nn.Module:

@@ -7,7 +7,8 @@ import torch.nn as nn
 
 from .blocks import CBlock, SABlock, SABlock_Windows
 from .input_checks import check_input
-from .layers import PatchEmbed, head_embedding, init_weights, middle_embedding
+from .layers import (PatchEmbed, check_checkpoint_num, head_embedding, init_weights,
+                     middle_embedding, run_block)
 
 __all__ = ["UniFormer"]
 
@@ -26,6 +27,8 @@ class UniFormer(nn.Module):
         features_only: dense backbone; returns four NCHW maps through LayerNorms norm1..norm4.
         windows / hybrid / window_size: stage-3 attention of the dense backbone: every block in
             windows, or windows except every 4th block (i + 1 divisible by 4), which stays global.
+        use_checkpoint / checkpoint_num: the first checkpoint_num[s] blocks of stage s are
+            recomputed in backward (torch.utils.checkpoint), as the official dense backbone.
     """
 
     def __init__(self, depth=(3, 4, 8, 3), in_chans: int = 3, num_classes: int = 1000,
@@ -34,8 +37,11 @@ class UniFormer(nn.Module):
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, conv_stem: bool = False,
                  layer_scale_conv: float | None = None, layer_scale_attn: float | None = None,
                  return_dense: bool = False, features_only: bool = False, windows: bool = False,
-                 hybrid: bool = False, window_size: int = 14):
+                 hybrid: bool = False, window_size: int = 14, use_checkpoint: bool = False,
+                 checkpoint_num=(0, 0, 0, 0)):
         super().__init__()
+        self.use_checkpoint = use_checkpoint  # the dense backbone's option (official seg code)
+        self.checkpoint_num = check_checkpoint_num(use_checkpoint, checkpoint_num)
         if (windows or hybrid) and not features_only:
             raise ValueError("windows/hybrid: window attention is for the dense backbone; "
                              "pass features_only=True")
@@ -103,8 +109,8 @@ class UniFormer(nn.Module):
         stages = ((self.blocks1, self.patch_embed2), (self.blocks2, self.patch_embed3),
                   (self.blocks3, self.patch_embed4), (self.blocks4, None))
         for stage, (blocks, next_embed) in enumerate(stages, start=1):
-            for blk in blocks:
-                x = blk(x)
+            for i, blk in enumerate(blocks):
+                x = run_block(self, stage - 1, i, blk, x)
             if self.features_only:
                 outs.append(self._stage_output(getattr(self, f"norm{stage}"), x))
             if next_embed is not None:

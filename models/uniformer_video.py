@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from .blocks import CBlock, SABlock, SplitSABlock
 from .input_checks import check_input
-from .layers import PatchEmbed, init_weights
+from .layers import PatchEmbed, check_checkpoint_num, init_weights, run_block
 
 __all__ = ["UniFormerVideo"]
 
@@ -18,15 +18,19 @@ class UniFormerVideo(nn.Module):
 
     Stems: stage 1 a (3, 4, 4) conv with stride (2, 4, 4) and temporal padding 1; later stages a
     (1, 2, 2) conv, or (3, 2, 2) with temporal padding 1 when ``std=True``. ``split=True`` uses
-    SplitSABlock (divided space-time attention) in stages 3-4.
+    SplitSABlock (divided space-time attention) in stages 3-4. ``use_checkpoint`` with
+    ``checkpoint_num=(n1, n2, n3, n4)``: the first n blocks of each stage are recomputed in
+    backward (``layers.run_block``).
     """
 
     def __init__(self, depth=(3, 4, 8, 3), in_chans: int = 3, num_classes: int = 400,
                  embed_dim=(64, 128, 320, 512), head_dim: int = 64, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, qk_scale: float | None = None, drop_rate: float = 0.0,
                  attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, split: bool = False,
-                 std: bool = False):
+                 std: bool = False, use_checkpoint: bool = False, checkpoint_num=(0, 0, 0, 0)):
         super().__init__()
+        self.use_checkpoint = use_checkpoint
+        self.checkpoint_num = check_checkpoint_num(use_checkpoint, checkpoint_num)
         self.num_classes = num_classes
         self.num_features = self.embed_dim = list(embed_dim)
         self.patch_embed1 = PatchEmbed(
@@ -67,10 +71,11 @@ class UniFormerVideo(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self)
         x = self.pos_drop(self.patch_embed1(x))
-        for blocks, next_embed in ((self.blocks1, self.patch_embed2), (self.blocks2, self.patch_embed3),
-                                   (self.blocks3, self.patch_embed4), (self.blocks4, None)):
-            for blk in blocks:
-                x = blk(x)
+        for stage, (blocks, next_embed) in enumerate((
+                (self.blocks1, self.patch_embed2), (self.blocks2, self.patch_embed3),
+                (self.blocks3, self.patch_embed4), (self.blocks4, None))):
+            for i, blk in enumerate(blocks):
+                x = run_block(self, stage, i, blk, x)
             if next_embed is not None:
                 x = next_embed(x)
         return self.pre_logits(self.norm(x))

@@ -21,7 +21,7 @@ _torch_too_old = _torch_floor.problem(torch.__version__)
 if _torch_too_old:
     raise ImportError(_torch_too_old)
 
-from . import _extension, backends, nn, ops
+from . import _extension, backends, export, nn, ops
 from .backends import available_backends, backend, current_backend
 from .convert import accelerate
 
@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__", "accelerate", "info", "Info", "format_info", "print_info",
-    "backend", "current_backend", "available_backends", "backends", "nn", "ops",
+    "backend", "current_backend", "available_backends", "backends", "export", "nn", "ops",
 ]
 
 

@@ -2,7 +2,9 @@
 and where the Triton and GPU tests run.
 
 The numerical contract (DESIGN.md): compare against a float64 eager reference by
-``||out - ref|| / ||ref||``; NaN never passes.
+``||out - ref|| / ||ref|| <= tol`` and, so that a few wrong elements of a large tensor cannot hide
+in the norm, by the worst element ``max|out - ref| / max|ref| <= ELEMENT_FACTOR * tol``; NaN never
+passes.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch.nn as nn
 
 from . import backends
 
-__all__ = ["TOLERANCES", "tolerance", "rel_error", "assert_rel_close", "randomize_state_",
+__all__ = ["TOLERANCES", "ELEMENT_FACTOR", "tolerance", "rel_error", "max_rel_error", "assert_rel_close", "randomize_state_",
            "triton_test_device", "triton_test_dtypes", "triton_marks", "gpu_marks"]
 
 # max relative error vs a float64 reference, by output dtype and kind of computation
@@ -25,26 +27,56 @@ TOLERANCES = {
 }
 
 
+# The worst element's bound, in units of the norm-wise tolerance. Correct code's worst element
+# measured up to 2.5x its own norm-wise error (the eager bfloat16 blocks under autocast: 7.2e-3
+# against 3-5e-3; the largest of many rounding errors sits where |ref| is largest), so 4 keeps a
+# margin; a wrong element of size 1 in an N(0, 1) map (max|ref| ~ 5) is 0.2 of max|ref|, 5x over
+# the bfloat16 bound and 5000x over float32's. The norm alone lets it pass: 8 such elements in
+# 2x64x56x56 are a relative error of 4.5e-3.
+ELEMENT_FACTOR = 4.0
+
+
 def tolerance(dtype: torch.dtype, kind: str) -> float:
     return TOLERANCES.get((dtype, kind), TOLERANCES.get((dtype, None), 1e-5))
+
+
+def _nonfinite_error(out64: torch.Tensor, ref64: torch.Tensor) -> bool:
+    return bool(not torch.isfinite(out64).all() and torch.isfinite(ref64).all())
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64; inf if out has a NaN/inf that ref does not."""
     out64, ref64 = out.detach().double(), ref.detach().double()
-    if not torch.isfinite(out64).all() and torch.isfinite(ref64).all():
+    if _nonfinite_error(out64, ref64):
         return float("inf")
     denom = ref64.norm().item()
     diff = (out64 - ref64).norm().item()
     return diff / denom if denom > 0 else diff
 
 
-def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, name: str = "output") -> None:
-    """Fail with the error, the tolerance and where the worst element is (index, both values)."""
+def max_rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|out - ref| / max|ref| in float64 (the worst element against the reference's scale);
+    inf if out has a NaN/inf that ref does not."""
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    if _nonfinite_error(out64, ref64):
+        return float("inf")
+    if out64.numel() == 0:
+        return 0.0
+    denom = ref64.abs().max().item()
+    diff = (out64 - ref64).abs().max().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, name: str = "output",
+                     elem_tol: float | None = None) -> None:
+    """Fail unless ``rel_error(out, ref) <= tol`` and ``max_rel_error(out, ref) <= elem_tol``
+    (default ``ELEMENT_FACTOR * tol``), with the error and where the worst element is (index,
+    both values)."""
     if out.shape != ref.shape:
         raise AssertionError(f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
-    err = rel_error(out, ref)
-    if err <= tol:
+    elem_tol = ELEMENT_FACTOR * tol if elem_tol is None else elem_tol
+    err, elem_err = rel_error(out, ref), max_rel_error(out, ref)
+    if err <= tol and elem_err <= elem_tol:
         return
     out64, ref64 = out.detach().double(), ref.detach().double()
     nonfinite = ~torch.isfinite(out64)
@@ -55,7 +87,10 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, name: str
         flat = (out64 - ref64).abs().argmax().item()
         idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), out.shape))
         where = f"max |diff| at {idx}: got {out64[idx].item():.6g}, expected {ref64[idx].item():.6g}"
-    raise AssertionError(f"{name}: relative error {err:.3e} > tolerance {tol:.1e}; {where}")
+    failed = (f"relative error {err:.3e} > tolerance {tol:.1e}" if err > tol else
+              f"worst element {elem_err:.3e} of max|ref| > tolerance {elem_tol:.1e} (relative "
+              f"error {err:.3e})")
+    raise AssertionError(f"{name}: {failed}; {where}")
 
 
 @torch.no_grad()

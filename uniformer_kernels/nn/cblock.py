@@ -14,7 +14,7 @@ from ..ops.depthwise import depthwise_conv
 from . import _match
 from ._base import Accelerated, add_linear, channels_last, drop_path_active, gamma, like, to_map, tokens
 from .fold import batchnorm_affine
-from .gemm import linear, linear_add
+from .gemm import linear, linear_add, matrix
 from .mlp import add_mlp, hidden
 
 
@@ -58,9 +58,9 @@ class CBlock(Accelerated, reference.CBlock):
             return self._folded(x, bn1, bn2)
         y = depthwise_conv(x, like(self.pos_embed.weight, x), like(self.pos_embed.bias, x),
                            residual=True)
-        a = linear(tokens(self.norm1(y)), self.conv1.weight.flatten(1), self.conv1.bias)
+        a = linear(tokens(self.norm1(y)), matrix(self.conv1.weight), self.conv1.bias)
         d = depthwise_conv(to_map(a, x.shape), like(self.attn.weight, a), like(self.attn.bias, a))
-        x1 = add_linear(self, tokens(y), tokens(d), self.conv2.weight.flatten(1), self.conv2.bias,
+        x1 = add_linear(self, tokens(y), tokens(d), matrix(self.conv2.weight), self.conv2.bias,
                         gamma(self, "gamma_1"))
         x2 = add_mlp(self, x1, tokens(self.norm2(to_map(x1, x.shape))), gamma(self, "gamma_2"))
         return to_map(x2, x.shape)
@@ -77,11 +77,11 @@ class CBlock(Accelerated, reference.CBlock):
         """
         (s1, t1), (s2, t2) = bn1, bn2
         g1, g2 = gamma(self, "gamma_1"), gamma(self, "gamma_2")
-        w1, b1 = self.conv1.weight.flatten(1), self.conv1.bias
-        w2, b2 = self.conv2.weight.flatten(1), self.conv2.bias
+        w1, b1 = matrix(self.conv1.weight), self.conv1.bias
+        w2, b2 = matrix(self.conv2.weight), self.conv2.bias
         fc1, fc2 = self.mlp.fc1, self.mlp.fc2
-        wf1, bf1 = fc1.weight.flatten(1), fc1.bias
-        wf2, bf2 = fc2.weight.flatten(1), fc2.bias
+        wf1, bf1 = matrix(fc1.weight), fc1.bias
+        wf2, bf2 = matrix(fc2.weight), fc2.bias
         if g1 is not None:
             w2, b2 = w2 * g1[:, None], b2 * g1
         if g2 is not None:

@@ -81,7 +81,7 @@ class EvoSABlock(Accelerated, reference.EvoSABlock):
         """The transformer block on ``seq`` (B, N, C), the running-score update, and the
         unscaled attention + MLP branches of the last token (the representative, when pruned)."""
         o, cls_attn = attend(self.attn, self.norm1(seq), return_cls_attn=True)
-        global_attn = update_scores(global_attn, cls_attn.to(seq.dtype), self.trade_off)
+        global_attn = update_scores(global_attn, cls_attn.to(_softmax_dtype(o)), self.trade_off)
 
         proj, fc2 = self.attn.proj, self.mlp.fc2
         seq1 = add_linear(self, seq, o, proj.weight, proj.bias, gamma(self, "gamma_1"))
@@ -92,3 +92,12 @@ class EvoSABlock(Accelerated, reference.EvoSABlock):
             fast_update = (linear(o[:, -1:], proj.weight, proj.bias)
                            + linear(h[:, -1:], fc2.weight, fc2.bias))
         return seq2, global_attn, fast_update
+
+
+def _softmax_dtype(o: torch.Tensor) -> torch.dtype:
+    """The dtype of the reference's class row, which comes out of its softmax: float32 under CUDA
+    autocast (softmax is on autocast's float32 list there, not on the CPU's), else the dtype the
+    attention ran in (o's)."""
+    if o.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return torch.float32
+    return o.dtype

@@ -6,8 +6,10 @@ oneDNN supports it): oneDNN's matmul with the bias and exact GELU as post-ops,
 ``torch.ops.mkldnn._linear_pointwise`` (the op inductor lowers to); measured on UniFormer-S
 shapes it matches or beats MKL's sgemm, and the fused GELU saves a pass. Elsewhere (training,
 autocast, CUDA) and under torch.compile (inductor lowers the oneDNN op only for frozen, constant
-weights, and fuses epilogues into its own kernels): ``F.linear`` and ``F.gelu``, in place when
-autograd does not need the GEMM's output.
+weights, and fuses epilogues into its own kernels), export and torch.jit.trace (the TorchScript
+tracer cannot record the oneDNN op's optional scalar list, and neither should keep a
+machine-specific op): ``F.linear`` and ``F.gelu``, in place when autograd does not need the GEMM's
+output.
 
 Residual adds: ``torch.addmm`` with the residual as the accumulator, in place into a residual the
 caller no longer needs. (oneDNN's binary-add post-op measured slower than that, up to 3x with a
@@ -31,7 +33,9 @@ def _needs_autograd(*tensors) -> bool:
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, *tensors) -> bool:
     """Whether the oneDNN post-op path serves this call."""
-    if not _MKLDNN or x.device.type != "cpu" or torch.compiler.is_compiling():
+    if not _MKLDNN or x.device.type != "cpu":
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if x.numel() * weight.shape[0] < _ONEDNN_MIN_MACS:
         return False
@@ -42,6 +46,34 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, *tensors) -> bool:
     if any(t is not None and t.dtype != x.dtype for t in (weight, *tensors)):
         return False
     return not _needs_autograd(x, weight, *tensors)
+
+
+class _Matrix(torch.autograd.Function):
+    """``weight.flatten(1)`` whose gradient comes back in weight's own strides (see ``matrix``)."""
+
+    @staticmethod
+    def forward(weight):
+        return weight.flatten(1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.shape, ctx.strides = inputs[0].shape, inputs[0].stride()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.empty_strided(ctx.shape, ctx.strides, dtype=grad.dtype,
+                                   device=grad.device).copy_(grad.view(ctx.shape))
+
+
+def matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv's or Linear's weight as the (out, in) GEMM matrix. A channels-last 1x1 weight
+    (``model.to(memory_format=torch.channels_last)``) would get a gradient with other strides in
+    its size-1 dims through flatten's backward, which DDP warns about and copies slowly; it goes
+    through ``_Matrix`` instead."""
+    rows = weight.shape[1:].numel()
+    if weight.stride() == (rows, *(1,) * (weight.dim() - 1)):  # what flatten's backward gives
+        return weight.flatten(1)
+    return _Matrix.apply(weight)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -9,12 +9,12 @@ from uniformer_models import layers as reference
 
 from . import _match
 from ._base import Accelerated, add_linear, to_map, tokens
-from .gemm import linear
+from .gemm import linear, matrix
 
 
 def hidden(mlp: nn.Module, z: torch.Tensor, fc1_weight=None, fc1_bias=None) -> torch.Tensor:
     """``gelu(fc1(z))`` on tokens; fc1's weight and bias may be given already folded."""
-    weight = mlp.fc1.weight.flatten(1) if fc1_weight is None else fc1_weight
+    weight = matrix(mlp.fc1.weight) if fc1_weight is None else fc1_weight
     bias = mlp.fc1.bias if fc1_weight is None else fc1_bias
     return linear(z, weight, bias, gelu=True)
 
@@ -22,12 +22,12 @@ def hidden(mlp: nn.Module, z: torch.Tensor, fc1_weight=None, fc1_bias=None) -> t
 def add_mlp(block: nn.Module, x: torch.Tensor, z: torch.Tensor, gamma=None) -> torch.Tensor:
     """``x + drop_path(gamma * block.mlp(z))`` on tokens; x may be overwritten (see add_linear)."""
     fc2 = block.mlp.fc2
-    return add_linear(block, x, hidden(block.mlp, z), fc2.weight.flatten(1), fc2.bias, gamma)
+    return add_linear(block, x, hidden(block.mlp, z), matrix(fc2.weight), fc2.bias, gamma)
 
 
 class _FusedMlp(Accelerated):
     def _tokens_forward(self, z: torch.Tensor) -> torch.Tensor:
-        return linear(hidden(self, z), self.fc2.weight.flatten(1), self.fc2.bias)
+        return linear(hidden(self, z), matrix(self.fc2.weight), self.fc2.bias)
 
     @classmethod
     def claims(cls, m: nn.Module) -> bool:

@@ -114,6 +114,16 @@ def weight_from_kernel_layout(w: torch.Tensor, like: torch.Tensor) -> torch.Tens
     return w.unsqueeze(1).to(like.dtype).contiguous()
 
 
+def in_layout_of(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``grad`` with ``param``'s strides. A weight gradient of a channels-last activation comes
+    out channels-last, and DDP copies each gradient into a bucket view with its parameter's
+    strides (warning "Grad strides do not match bucket view strides" and copying slowly when they
+    differ); AccumulateGrad likewise stores a gradient that obeys the parameter's layout as is."""
+    if grad.stride() == param.stride():
+        return grad
+    return torch.empty_like(param, dtype=grad.dtype).copy_(grad)
+
+
 def kernel_size_5d(kernel_size: tuple[int, ...]) -> list[int]:
     return [1, *kernel_size] if len(kernel_size) == 2 else list(kernel_size)
 

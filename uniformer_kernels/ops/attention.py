@@ -45,7 +45,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _extension, backends
-from . import _device_guard
+from . import _autocast, _device_guard
 from ._direct_call import may_skip_dispatch
 
 MAX_HEAD_DIM = 128
@@ -86,8 +86,10 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None,
         only (None for a Linear without bias).
 
     Returns out: qkv's shape with C channels, qkv's dtype, dense in qkv's dim order; and with
-    return_cls_attn the tuple (out, cls_attn). Differentiable in qkv and qkv_bias.
+    return_cls_attn the tuple (out, cls_attn). Differentiable in qkv and qkv_bias. Under
+    ``torch.autocast`` qkv and qkv_bias go to the autocast dtype, as for PyTorch's attention.
     """
+    qkv, qkv_bias = _autocast.cast_args(qkv, qkv_bias)
     head_dim = _check_qkv(qkv, num_heads)
     scale = _check_scale(scale, head_dim)
     window = _check_window(qkv, window_size, grid_size, qkv_bias)
@@ -432,6 +434,7 @@ def _window(window_size: int, grid_h: int, grid_w: int) -> Window | None:
     return Window(window_size, grid_h, grid_w) if window_size else None
 
 
+@_autocast.autocast_off
 def _attention_impl(qkv: torch.Tensor, qkv_bias: torch.Tensor | None, num_heads: int,
                     scale: float, window_size: int, grid_h: int, grid_w: int, return_cls_attn: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -451,6 +454,7 @@ def _(qkv, qkv_bias, num_heads, scale, window_size, grid_h, grid_w, return_cls_a
 
 
 @torch.library.custom_op("uniformer_kernels::attention_backward", mutates_args=())
+@_autocast.autocast_off
 def _attention_backward(grad_out: torch.Tensor, grad_cls_probs: torch.Tensor | None,
                         qkv: torch.Tensor, qkv_bias: torch.Tensor | None, out: torch.Tensor,
                         lse: torch.Tensor, cls_probs: torch.Tensor, num_heads: int, scale: float,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import _autocast
 from . import _depthwise_common as common
 from . import _device_guard
 from ._direct_call import may_skip_dispatch
@@ -24,11 +25,14 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     ``weight`` is an ``nn.Conv2d/3d(C, C, k, groups=C)`` weight, (C, 1, [KD,] KH, KW), every kernel
     size odd and at most 7; ``bias`` (C,) or None. With ``residual`` the result is ``x + conv(x)``.
     Returns x's shape, dtype and memory format; computes in float32 (float64 for float64 input).
-    Differentiable in x, weight and bias.
+    Differentiable in x, weight and bias. Under ``torch.autocast`` the dtypes are those of
+    ``F.conv2d/3d`` (and of ``x + conv(x)`` with ``residual``): see ``_autocast``.
     """
-    common.check_conv_args(x, weight, bias)
     if not isinstance(residual, bool):
         raise TypeError(f"residual: expected a bool, got {type(residual).__name__}")
+    cast = _autocast.cast_residual_args if residual else _autocast.cast_args
+    x, weight, bias = cast(x, weight, bias)
+    common.check_conv_args(x, weight, bias)
     op = _depthwise_conv_impl if may_skip_dispatch(x, weight, bias) else _depthwise_conv
     return op(x, weight, bias, residual)
 
@@ -42,6 +46,7 @@ def eager_depthwise_conv(x, weight, bias, residual):
     return y.contiguous(memory_format=common.memory_format_of(x))
 
 
+@_autocast.autocast_off
 def _depthwise_conv_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          residual: bool) -> torch.Tensor:
     backend = common.choose_backend(x, "depthwise_conv")
@@ -74,6 +79,7 @@ def _(x, weight, bias, residual):
 
 
 @torch.library.custom_op("uniformer_kernels::depthwise_conv_backward", mutates_args=())
+@_autocast.autocast_off
 def _depthwise_conv_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                              has_bias: bool, residual: bool, output_mask: list[bool]
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -146,8 +152,11 @@ def _backward(ctx, grad_y):
     x, weight = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
             ctx.has_bias and ctx.needs_input_grad[2]]
-    grads = _depthwise_conv_backward(grad_y, x, weight, ctx.has_bias, ctx.residual, mask)
-    return (*(g if needed else None for g, needed in zip(grads, mask)), None)
+    grad_x, grad_weight, grad_bias = _depthwise_conv_backward(grad_y, x, weight, ctx.has_bias,
+                                                              ctx.residual, mask)
+    return (grad_x if mask[0] else None,
+            common.in_layout_of(grad_weight, weight) if mask[1] else None,
+            grad_bias if mask[2] else None, None)
 
 
 _depthwise_conv.register_autograd(_backward, setup_context=_setup_context)

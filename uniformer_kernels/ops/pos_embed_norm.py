@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import _autocast
 from . import _depthwise_common as common
 from . import _device_guard
 from ._direct_call import may_skip_dispatch
@@ -31,7 +32,11 @@ def pos_embed_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
     ``x`` (N, C, H, W) or (N, C, D, H, W); ``weight`` (C, 1, k...) with odd kernel sizes <= 7,
     ``bias`` (C,) or None; ``norm_weight``, ``norm_bias`` (C,). Differentiable in every tensor.
+    Under ``torch.autocast``, y has the dtype of ``x + conv(x)`` (the autocast dtype promoted with
+    x's) and z y's dtype; the norm computes in float32 either way.
     """
+    x, weight, bias, norm_weight, norm_bias = _autocast.cast_residual_args(
+        x, weight, bias, norm_weight, norm_bias)
     common.check_conv_args(x, weight, bias)
     if norm not in NORMS:
         raise ValueError(f"norm: expected one of {sorted(NORMS)}, got {norm!r}")
@@ -64,6 +69,7 @@ def _eager_norm(y: torch.Tensor, norm_weight, norm_bias, norm: int, eps: float) 
     return z.contiguous(memory_format=common.memory_format_of(y))
 
 
+@_autocast.autocast_off
 def _pos_embed_norm_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                          norm_weight: torch.Tensor, norm_bias: torch.Tensor, norm: int, eps: float
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,6 +115,7 @@ def _(x, weight, bias, norm_weight, norm_bias, norm, eps):
 
 
 @torch.library.custom_op("uniformer_kernels::pos_embed_norm_backward", mutates_args=())
+@_autocast.autocast_off
 def _pos_embed_norm_backward(grad_y: torch.Tensor, grad_z: torch.Tensor, x: torch.Tensor,
                              weight: torch.Tensor, y: torch.Tensor, mean: torch.Tensor,
                              rstd: torch.Tensor, norm_weight: torch.Tensor, norm: int
@@ -157,8 +164,9 @@ def _backward(ctx, grad_y, grad_z, grad_mean, grad_rstd):
     x, weight, y, mean, rstd, norm_weight = ctx.saved_tensors
     grad_y = torch.zeros_like(y) if grad_y is None else grad_y
     grad_z = torch.zeros_like(y) if grad_z is None else grad_z
-    grads = _pos_embed_norm_backward(grad_y, grad_z, x, weight, y, mean, rstd, norm_weight, ctx.norm)
-    return (*grads, None, None)
+    grad_x, grad_weight, *grad_vectors = _pos_embed_norm_backward(
+        grad_y, grad_z, x, weight, y, mean, rstd, norm_weight, ctx.norm)
+    return (grad_x, common.in_layout_of(grad_weight, weight), *grad_vectors, None, None)
 
 
 _pos_embed_norm.register_autograd(_backward, setup_context=_setup_context)
