@@ -41,13 +41,17 @@ __all__ = ["attention_forward", "attention_backward"]
 _LOG2E = tl.constexpr(math.log2(math.e))
 _LN2 = tl.constexpr(math.log(2.0))
 
-# ---- block sizes (not yet tuned on a GPU; sized so that ptxas spills nothing, bench/gpu_static.py)
+# ---- block sizes (not yet tuned on a GPU; sized so that ptxas spills nothing under Triton 3.6 and
+# the newest, bench/gpu_static.py)
 # Forward: BLOCK_M x BLOCK_N score tiles. Backward: one block size for the key and query blocks,
-# since a program computes dk/dv of key block i and then dq of query block i. 16-bit inputs take
-# 64-row tiles (32 at head_dim 128, where the backward's six (block, head_dim) tiles crowd the
-# registers). float32 runs its dots as 3xTF32 (three products on split operands) and float64 as
-# FMA loops: at 64-row tiles both spilled kilobytes on sm_80 (forward) and sm_80/sm_90 (backward),
-# so they take 32-row forward tiles on 8 warps and 16-row backward tiles.
+# since a program computes dk/dv of key block i and then dq of query block i.
+# - 16-bit: 64-row forward tiles; 32-row backward tiles (at 64 rows and head_dim 64 the backward's
+#   six (block, head_dim) tiles took all 255 registers on sm_80 and spilled 60-104 bytes under
+#   Triton 3.6; at 32 rows on 4 warps it needs ~147).
+# - float32 runs its dots as 3xTF32 (three products on split operands) and float64 as FMA loops: at
+#   64-row tiles both spilled kilobytes, so they take 32-row forward tiles on 8 warps and 16-row
+#   backward tiles; at head_dim 128 also a single pipeline stage (the second stage's prefetch
+#   buffers spilled 24-72 bytes; one stage: 233-250 registers, no spill).
 
 
 class _Tiles(NamedTuple):
@@ -55,13 +59,14 @@ class _Tiles(NamedTuple):
     forward_warps: int
     backward_block: int
     backward_warps: int
+    stages: int
 
 
 def _tiles(dtype: torch.dtype, block_d: int) -> _Tiles:
     warps = 4 if block_d <= 64 else 8
     if dtype in (torch.float32, torch.float64):
-        return _Tiles(32, 8, 16, warps)
-    return _Tiles(64, warps, 64 if block_d <= 64 else 32, 8)
+        return _Tiles(32, 8, 16, warps, 2 if block_d <= 64 else 1)
+    return _Tiles(64, warps, 32, warps, 2)
 
 
 # ---- kernels ------------------------------------------------------------------------------------
@@ -367,7 +372,7 @@ def forward_plan(qkv: torch.Tensor, qkv_bias: torch.Tensor | None, out: torch.Te
              HAS_BIAS=qkv_bias is not None, RETURN_CLS=cls_probs is not None,
              PRECISION=_precision(qkv.dtype), BLOCK_M=tiles.forward_block,
              BLOCK_N=tiles.forward_block, BLOCK_D=block_d),
-        num_warps=tiles.forward_warps, num_stages=2)
+        num_warps=tiles.forward_warps, num_stages=tiles.stages)
 
 
 def attention_backward(grad_out: torch.Tensor, grad_cls_probs: torch.Tensor | None,
@@ -426,5 +431,5 @@ def backward_plans(grad_out: torch.Tensor, grad_cls_probs: torch.Tensor | None,
         dict(HEADS=num_heads, HEAD_DIM=head_dim, WINDOW=window is not None,
              HAS_BIAS=qkv_bias is not None, HAS_CLS_GRAD=grad_cls_probs is not None,
              PRECISION=_precision(qkv.dtype), BLOCK=block, BLOCK_D=block_d),
-        num_warps=tiles.backward_warps, num_stages=2)
+        num_warps=tiles.backward_warps, num_stages=tiles.stages)
     return delta_plan, backward_plan, delta, grad_cls_probs, grad_bias_parts
