@@ -7,7 +7,8 @@ batch 8 (image side --img-size, default 224), video S at batch 1 (--frames x --i
 8x224), the dense S hybrid backbone (windows of 14) at batch 1 (--dense-size, default 512); on a
 GPU also UniFormer-S at batch 64, the issue's training-step target (CPU runs take it only when
 ``--models`` names it). ``--main`` (make main): S, XXS, video S and dense S hybrid, eager,
-``torch.compile`` and ours (batch 1 on CPU; 64, 64, 8, 8 on a GPU).
+``torch.compile`` and ours (batch 1 on CPU; 64, 64, 8, 8 on a GPU), compile's training step on S
+only.
 
 Protocol as bench_models.py: eval under no_grad for fwd, train() with dropout and drop path at 0
 for fwd+bwd (loss ``out.float().square().mean()`` summed over outputs); compile warm-ups are not
@@ -55,7 +56,9 @@ CASES = {
 DEFAULT_CASES = ("uniformer_small-bs1", "uniformer_small-bs8", "uniformer_small-bs64",
                  "uniformer_xxs-bs8", "uniformer_small_video-bs1", "dense_small_hybrid-bs1")
 GPU_ONLY_CASES = ("uniformer_small-bs64",)
-# make main's headline (--main): each model once, at a batch the device is made for
+# make main's headline (--main): each model once, at a batch the device is made for. The training
+# step of torch.compile runs on the first (S) only: each of its warm-ups takes ~2 min on 2 CPU
+# cores, and all four would double make main's ten minutes (--full has them)
 MAIN_CASES = {"cpu": ("uniformer_small-bs1", "uniformer_xxs-bs1", "uniformer_small_video-bs1",
                       "dense_small_hybrid-bs1"),
               "cuda": ("uniformer_small-bs64", "uniformer_xxs-bs64", "uniformer_small_video-bs8",
@@ -86,6 +89,9 @@ def bench_params(settings) -> list[dict]:
         model, kwargs, kind, batch = CASES[name]
         for mode in settings.modes:
             for impl in impls:
+                if (settings.main and impl == "compile" and mode == "fwd+bwd"
+                        and name != MAIN_CASES[device][0]):
+                    continue  # see MAIN_CASES
                 params.append(dict(case=name, model=model, kwargs=kwargs, kind=kind, batch=batch,
                                    mode=mode, impl=impl, id=f"{name}-{mode}-{impl}"))
     return params
