@@ -173,12 +173,13 @@ class LightRoot(nn.Module):
                                      for _ in range(depth[0]))
         self.blocks2 = nn.ModuleList(LightCBlock(embed_dim[1], 3, drop, next(dpr), ls)
                                      for _ in range(depth[1]))
+        heads = [dim // head_dim for dim in embed_dim]
         self.blocks3 = nn.ModuleList(
-            LightEvoBlock(embed_dim[2], embed_dim[2] // head_dim, 3, True, drop, next(dpr), ls, r, r,
+            LightEvoBlock(embed_dim[2], heads[2], 3, True, drop, next(dpr), ls, r, r,
                           i == depth[2] - 1) for i, r in enumerate(ratios[2]))
         self.blocks4 = nn.ModuleList(
-            LightEvoBlock(embed_dim[3], embed_dim[3] // head_dim, 3, True, drop, next(dpr), ls, r, r,
-                          False) for r in ratios[3])
+            LightEvoBlock(embed_dim[3], heads[3], 3, True, drop, next(dpr), ls, r, r, False)
+            for r in ratios[3])
         if dense:
             for i in range(4):
                 setattr(self, f"norm{i + 1}", nn.LayerNorm(embed_dim[i], eps=1e-6))

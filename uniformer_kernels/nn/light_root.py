@@ -10,7 +10,7 @@ state and keeps its class.
 Classification roots (``head``, ``norm``...) return what the official one does (eval: logits;
 train: ``(logits, cls logits)``); dense backbones (``norm1``..``norm4``, the official
 segmentation/detection ``UniFormer_Light``) return the tuple of four stage maps. The official
-class's other methods (``no_weight_decay``, ``init_weights``, ``reset_classifier``...) stay callable.
+class's other methods (``no_weight_decay``, ``init_weights``...) stay callable.
 """
 from __future__ import annotations
 
