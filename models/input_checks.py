@@ -3,8 +3,9 @@ before any work, with a ValueError/TypeError that says what was expected and, fo
 mistakes, how to fix them.
 
 Every model of the family calls :func:`check_input` first in ``forward_features``; ``uk.accelerate``
-keeps the models' own ``forward``/``forward_features`` (it converts blocks and stems only), so an
-accelerated model runs this same check and raises the same messages.
+keeps the models' own ``forward``/``forward_features`` (it converts blocks and stems; the one root
+it converts, an official light model's, gets the reference light model's), so an accelerated model
+runs this same check and raises the same messages.
 
 The rule on spatial (and temporal) size: the input must be large enough that every stem
 convolution fits, i.e. every stage has at least one row, column (and frame); below that

@@ -507,17 +507,6 @@ def test_trees_from_other_code_convert_by_structure():
         assert_rel_close(fast.eval()(x), tree.eval()(x.double()), TOL)
 
 
-class OfficialLightEvoBlock(OfficialSABlock):
-    """The official light models' EvoSABlock keeps its pruning state in module globals."""
-
-    def __init__(self, dim, heads):
-        super().__init__(dim, heads)
-        self.prune_ratio, self.trade_off, self.downsample = 0.5, 0.5, False
-
-    def forward(self, cls_token, x):
-        raise NotImplementedError
-
-
 class LayerNormCBlock(OfficialCBlock):
     def __init__(self, dim):
         super().__init__(dim)
@@ -538,10 +527,9 @@ class NoMixerBlock(nn.Module):
 
 
 @pytest.mark.parametrize("block,match", [
-    (OfficialLightEvoBlock(32, 2), r"'1' \(.*OfficialLightEvoBlock\).*module globals"),
     (LayerNormCBlock(32), r"'1' \(.*LayerNormCBlock\).*norm1 is not an affine BatchNorm"),
     (nn.Sequential(NoMixerBlock(32)), r"'1\.0' \(.*NoMixerBlock\).*no conv1 \(CBlock\) or attn"),
-], ids=["official-evo", "layernorm-cblock", "no-mixer"])
+], ids=["layernorm-cblock", "no-mixer"])
 def test_unconvertible_module_is_named_and_nothing_changes(block, match):
     tree = nn.Sequential(OfficialCBlock(32), block)
     with pytest.raises(ValueError, match=match):

@@ -31,16 +31,22 @@ def accelerate(model: nn.Module, backend: str | None = None) -> nn.Module:
         manager is a graph break for torch.compile: compile with ``fullgraph=True`` only without
         a forced backend (or force it around the compiled call instead).
 
+    The official light models (XXS, XS; classifier or dense backbone) convert as a whole: their
+    root becomes ``uk.nn.UniFormerLight``, whose forward_features carries the token-pruning state
+    (running scores, token order) that the official code keeps in module globals explicitly
+    through the converted EvoSABlocks, with the same arithmetic.
+
     Raises ValueError, before changing anything, naming the first module that looks like a
     UniFormer module (claimed by a drop-in class's attribute names, or having ``pos_embed`` and
-    ``mlp``) but whose structure the drop-in forward does not compute, and why. Example: the
-    official light models' EvoSABlock, which keeps its token-pruning state in module globals
-    (build those models with ``uniformer_models``, which loads the same checkpoints).
+    ``mlp``) but whose structure the drop-in forward does not compute, and why. Example: an
+    official light EvoSABlock converted without its light root (a bare block or another parent),
+    whose state in module globals nothing would set: accelerate the whole model.
     """
     if backend is not None:
         backends._check_name(backend, "accelerate(backend=...)")
     plan = []
-    for name, module in model.named_modules():
+    carried = set()  # ids of the modules whose state a converted ancestor passes explicitly
+    for name, module in model.named_modules():  # parents before children
         if isinstance(module, Accelerated):
             plan.append((module, type(module)))
             continue
@@ -53,6 +59,10 @@ def accelerate(model: nn.Module, backend: str | None = None) -> nn.Module:
         reason = cls.mismatch(module)
         if reason:
             _fail(name, module, f"uk.nn.{cls.__name__} does not apply: {reason}")
+        reason = None if id(module) in carried else cls.orphan(module)
+        if reason:
+            _fail(name, module, reason)
+        carried.update(id(m) for m in cls.carries(module))
         plan.append((module, cls))
     for module, cls in plan:
         if not isinstance(module, Accelerated):

@@ -6,11 +6,13 @@ channels-last, token-major activations.
 Each class derives from its reference class in ``uniformer_models`` (so it can be built directly,
 and ``isinstance`` checks against the reference still hold) and is what ``uk.accelerate`` swaps a
 matching module's class to. Blocks return channels-last maps; a model's outputs keep the
-reference's shapes and formats.
+reference's shapes and formats. ``UniFormerLight`` is the one root: it converts the official
+light models, whose pruning state lives in module globals, to the reference's explicit-state forward.
 """
 from .cblock import CBlock
 from .depthwise_conv import DepthwiseConv2d, DepthwiseConv3d
 from .evo_block import EvoSABlock
+from .light_root import UniFormerLight
 from .mlp import CMlp, Mlp
 from .sablock import SABlock
 from .split_block import SplitSABlock
@@ -19,9 +21,9 @@ from .window_block import SABlock_Windows
 
 # The order accelerate() tries them in: a module goes to the first class that claims it (by
 # attribute names), which then checks the rest of its structure.
-MODULES = (SplitSABlock, SABlock_Windows, EvoSABlock, CBlock, SABlock, PatchEmbed,
+MODULES = (UniFormerLight, SplitSABlock, SABlock_Windows, EvoSABlock, CBlock, SABlock, PatchEmbed,
            head_embedding, middle_embedding, Mlp, CMlp)
 
 __all__ = ["DepthwiseConv2d", "DepthwiseConv3d", "CBlock", "SABlock", "SABlock_Windows",
            "SplitSABlock", "EvoSABlock", "Mlp", "CMlp", "PatchEmbed", "head_embedding",
-           "middle_embedding", "MODULES"]
+           "middle_embedding", "UniFormerLight", "MODULES"]

@@ -25,6 +25,16 @@ class Accelerated(nn.Module):
     # the module had (ours or the official code's)
     uk_reference_class: type
 
+    @classmethod
+    def orphan(cls, m: nn.Module) -> str | None:
+        """Why ``m`` cannot convert unless a converted ancestor ``carries`` it; None if it can."""
+        return None
+
+    @classmethod
+    def carries(cls, m: nn.Module) -> list[nn.Module]:
+        """The descendants whose state this module's drop-in forward passes them explicitly."""
+        return []
+
     def forward(self, *args, **kwargs):
         if self.uk_backend is None:
             return self._forward(*args, **kwargs)

@@ -88,13 +88,15 @@ def mlp(block_mlp: nn.Module, dim: int, name: str = "mlp") -> str | None:
     return first(pointwise(block_mlp, "fc1", dim), pointwise(block_mlp, "fc2", hidden, dim))
 
 
-def attention(m: nn.Module, name: str, dim: int) -> str | None:
-    """``m.<name>``: multi-head attention with a packed qkv Linear and a proj Linear."""
+def attention(m: nn.Module, name: str, dim: int, score_update: bool = False) -> str | None:
+    """``m.<name>``: multi-head attention with a packed qkv Linear and a proj Linear.
+    ``score_update``: it may be the official light Attention (``trade_off``), whose module-global
+    score update the converted EvoSABlock does explicitly instead."""
     attn = getattr(m, name)
     problem = missing(attn, "qkv", "proj", "num_heads", "scale", "attn_drop")
     if problem:
         return f"{name} {problem}"
-    if hasattr(attn, "trade_off"):
+    if hasattr(attn, "trade_off") and not score_update:
         return (f"{name} is the official light models' Attention, which updates module-level "
                 f"token scores in its forward")
     heads = attn.num_heads

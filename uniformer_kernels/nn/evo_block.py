@@ -6,6 +6,10 @@ token pruning, the running scores carried explicitly as in the reference:
 The class token's attention row comes out of the fused attention (op 4, ``return_cls_attn``)
 instead of a materialised attention matrix; the GEMMs add their residuals in the call. The token
 sort, merge, restore and score update are the reference's own functions.
+
+The official light code's EvoSABlock (``forward(cls_token, x)``, its Attention updating module
+globals, ``trade_off`` kept on ``attn``) converts only with its light root, whose drop-in
+(``uk.nn.UniFormerLight``) carries the state explicitly into this forward instead.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import inspect
 import torch
 import torch.nn as nn
 
+from uniformer_models import layers
 from uniformer_models import uniformer_light as reference
 from uniformer_models.uniformer_light import prune_tokens, restore_tokens, update_scores
 
@@ -36,15 +41,41 @@ class EvoSABlock(Accelerated, reference.EvoSABlock):
 
     @classmethod
     def mismatch(cls, m: nn.Module) -> str | None:
-        params = list(inspect.signature(type(m).forward).parameters)
-        if len(params) != 5:
-            return (f"forward({', '.join(params[1:])}) keeps the token-pruning state in module "
-                    f"globals (official code); build the model with uniformer_models, whose "
-                    f"EvoSABlock carries it explicitly and loads the same checkpoints")
-        problem = attention_block_mismatch(m, "trade_off", "downsample")
+        params = list(inspect.signature(type(m).forward).parameters)[1:]
+        official = keeps_state_in_globals(m)
+        if not official and len(params) != 4:
+            return (f"forward({', '.join(params)}) is neither (cls_token, x, global_attn, "
+                    f"token_indices) nor the official (cls_token, x)")
+        if not isinstance(getattr(m, "pos_embed", None), nn.Conv2d):
+            return "pos_embed is not a Conv2d (the official light video models' 3D EvoSABlock " \
+                   "has no drop-in)"
+        # the official block keeps trade_off on its Attention, whose own score update is skipped
+        problem = attention_block_mismatch(m, "downsample", *(() if official else ("trade_off",)),
+                                           score_update=official)
+        if problem is None and official and not hasattr(m.attn, "trade_off"):
+            problem = "attn has no trade_off"
         if problem is None and m.downsample and not hasattr(m, "avgpool"):
             problem = "downsample is set but there is no avgpool"
         return problem
+
+    @classmethod
+    def orphan(cls, m: nn.Module) -> str | None:
+        if keeps_state_in_globals(m):
+            return ("forward(cls_token, x) keeps the token-pruning state in module globals "
+                    "(official light code), which its root's forward_features sets: accelerate "
+                    "the whole model (its UniFormer_Light root), whose drop-in carries that state "
+                    "explicitly")
+        return None
+
+    def _reference_forward(self, cls_token, x, global_attn, token_indices):
+        # the explicit-state eager forward, also for official blocks (whose own reads globals)
+        return reference.EvoSABlock.forward(self, cls_token, x, global_attn, token_indices)
+
+    def _attend(self, x: torch.Tensor, global_attn: torch.Tensor | None):
+        """The reference's eager attention + score update (the dropout fallback), also on the
+        official Attention: same qkv/proj/scale, but no return_cls_attn of its own."""
+        out, cls_attn = layers.Attention.forward(self.attn, self.norm1(x), return_cls_attn=True)
+        return out, update_scores(global_attn, cls_attn, trade_off(self))
 
     def _forward(self, cls_token, x, global_attn, token_indices):
         if self._dropout_active():
@@ -81,7 +112,7 @@ class EvoSABlock(Accelerated, reference.EvoSABlock):
         """The transformer block on ``seq`` (B, N, C), the running-score update, and the
         unscaled attention + MLP branches of the last token (the representative, when pruned)."""
         o, cls_attn = attend(self.attn, self.norm1(seq), return_cls_attn=True)
-        global_attn = update_scores(global_attn, cls_attn.to(_softmax_dtype(o)), self.trade_off)
+        global_attn = update_scores(global_attn, cls_attn.to(_softmax_dtype(o)), trade_off(self))
 
         proj, fc2 = self.attn.proj, self.mlp.fc2
         seq1 = add_linear(self, seq, o, proj.weight, proj.bias, gamma(self, "gamma_1"))
@@ -101,3 +132,14 @@ def _softmax_dtype(o: torch.Tensor) -> torch.dtype:
     if o.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
         return torch.float32
     return o.dtype
+
+
+def keeps_state_in_globals(m: nn.Module) -> bool:
+    """The official light EvoSABlock: forward(cls_token, x), the pruning state in module globals."""
+    return list(inspect.signature(type(m).forward).parameters)[1:] == ["cls_token", "x"]
+
+
+def trade_off(block: nn.Module) -> float:
+    """The score update's weight: on the block in the reference, on its Attention officially."""
+    t = getattr(block, "trade_off", None)
+    return block.attn.trade_off if t is None else t

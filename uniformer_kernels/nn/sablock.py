@@ -19,8 +19,9 @@ from .mlp import add_mlp
 
 
 def attention_block_mismatch(m: nn.Module, *extra: str, attentions=("attn",),
-                             norms=("norm1", "norm2")) -> str | None:
-    """The checks every attention block shares (SABlock, windows, split, Evo)."""
+                             norms=("norm1", "norm2"), score_update: bool = False) -> str | None:
+    """The checks every attention block shares (SABlock, windows, split, Evo); ``score_update``:
+    see ``_match.attention``."""
     problem = _match.missing(m, "pos_embed", "mlp", "drop_path", *norms, *attentions, *extra)
     if problem:
         return problem
@@ -28,7 +29,7 @@ def attention_block_mismatch(m: nn.Module, *extra: str, attentions=("attn",),
     return _match.first(
         _match.depthwise_conv(m, "pos_embed", dim),
         *(_match.layernorm(m, n, dim) for n in norms),
-        *(_match.attention(m, a, dim) for a in attentions),
+        *(_match.attention(m, a, dim, score_update) for a in attentions),
         _match.mlp(m.mlp, dim), _match.gammas(m, dim, "gamma_1", "gamma_2", "gamma_3"))
 
 
