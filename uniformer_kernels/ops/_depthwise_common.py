@@ -14,12 +14,17 @@ The cpu backend skips this layer: its ops (depthwise_conv_cpu, depthwise_conv_ba
 pos_embed_norm_cpu) take the ops' own layouts and relayout in C++, which saves ~100 µs of PyTorch
 calls a call at batch-1 shapes; they compute in float32/float64, so 16-bit inputs are widened
 around them.
+The cpu backend's forward runs PyTorch's conv (oneDNN) instead where that was measured faster:
+float32 NCHW 2-D input of at least ONEDNN_MIN_NUMEL elements (see forward_on_onednn).
 The input gradient needs no kernel of its own: with stride 1 and padding k//2 it is the forward
 conv of grad_y with the kernel flipped in every dim.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
 
 import torch
 
@@ -29,6 +34,16 @@ SUPPORTED_BACKENDS = ("triton", "cuda", "cpu", "eager")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CPU_KERNEL_DTYPES = (torch.float32, torch.float64)  # what the CPU ops take; ops/ widens 16-bit around them
 MAX_KERNEL_SIZE = 7
+# From this many elements of float32 NCHW 2-D input (x and y then fill a 512 KiB L2), PyTorch's
+# conv (oneDNN) mostly beat the cpu kernel's forward (AMD EPYC, AVX2, 1 thread: oneDNN / ours
+# mostly 0.2-0.9 from 1x64x32x32 on, 1.0-3.2 up to 1x320x14x14; docs/DESIGN.md). The kernel's NCHW <-> (N, D,
+# H, W, C) relayouts are strided copies of x and y, cheap while those stay in L2; channels-last
+# input needs none, and on 3-D NCHW input ours still won (1.03-2.4x).
+ONEDNN_MIN_NUMEL = 64 * 1024
+
+# None: the rule of forward_on_onednn; True/False: always/never (tests, the bench).
+_onednn_forced: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "uniformer_kernels_cpu_onednn", default=None)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -126,6 +141,30 @@ def in_layout_of(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 def kernel_size_5d(kernel_size: tuple[int, ...]) -> list[int]:
     return [1, *kernel_size] if len(kernel_size) == 2 else list(kernel_size)
+
+
+def forward_on_onednn(x: torch.Tensor) -> bool:
+    """Whether the cpu backend's depthwise forward on ``x`` runs PyTorch's conv (oneDNN) rather
+    than our kernel. A pure function of dtype, rank, layout and size (unless forced), so traced,
+    compiled and eager calls choose alike and nothing is timed at run time."""
+    forced = _onednn_forced.get()
+    if forced is not None:
+        return forced
+    return (x.dtype == torch.float32 and x.dim() == 4 and x.numel() >= ONEDNN_MIN_NUMEL
+            and memory_format_of(x) == torch.contiguous_format)
+
+
+@contextlib.contextmanager
+def cpu_onednn(use: bool | None) -> Iterator[None]:
+    """Inside the block the cpu backend's depthwise forward runs oneDNN always (True), never
+    (False) or by forward_on_onednn's rule (None); this thread or async task only."""
+    if use is not None and not isinstance(use, bool):
+        raise TypeError(f"use: expected True, False or None, got {type(use).__name__}")
+    token = _onednn_forced.set(use)
+    try:
+        yield
+    finally:
+        _onednn_forced.reset(token)
 
 
 def choose_backend(x: torch.Tensor, op: str) -> str:
