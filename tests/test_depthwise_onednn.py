@@ -40,7 +40,11 @@ def cl(*shape, dtype=torch.float32):
     (nchw(1, 512, 7, 7), False),
     (cl(1, 64, 56, 56), False),  # channels-last: no relayout, ours everywhere
     (cl(1, 56, 128, 128), False),
-    (nchw(1, 64, 4, 56, 56), False),  # 3-D: ours on either layout
+    (nchw(1, 64, 4, 56, 56), False),  # 3-D up to 384 channels: ours on either layout
+    (cl(1, 320, 4, 14, 14), False),
+    (cl(1, 512, 4, 7, 7), True),  # 3-D from 512 channels: oneDNN on either layout
+    (nchw(1, 512, 2, 3, 3), True),
+    (cl(1, 512, 4, 7, 7, dtype=torch.float64), False),
     (nchw(1, 64, 56, 56, dtype=torch.float64), False),  # PyTorch's float64 conv is no oneDNN
     (nchw(1, 64, 56, 56, dtype=torch.bfloat16), False),  # nor is its bfloat16 one without AVX-512
     (torch.empty(1, 64, 112, 56)[:, :, ::2], True),  # strided NCHW view: relayouts as well
@@ -95,6 +99,7 @@ def test_each_path_runs_where_chosen(direct):
 PARITY_CASES = [
     ((2, 37, 9, 13), (3, 3), None), ((1, 19, 15, 17), (7, 7), None), ((2, 13, 7, 9), (5, 5), "cl"),
     ((1, 64, 56, 56), (5, 5), None), ((1, 11, 3, 5, 7), (3, 3, 3), None),
+    ((1, 512, 3, 5, 7), (5, 5, 5), "cl"),
 ]
 
 

@@ -15,7 +15,8 @@ pos_embed_norm_cpu) take the ops' own layouts and relayout in C++, which saves ~
 calls a call at batch-1 shapes; they compute in float32/float64, so 16-bit inputs are widened
 around them.
 The cpu backend's forward runs PyTorch's conv (oneDNN) instead where that was measured faster:
-float32 NCHW 2-D input of at least ONEDNN_MIN_NUMEL elements (see forward_on_onednn).
+float32 NCHW 2-D input of at least ONEDNN_MIN_NUMEL elements, float32 3-D input of at least
+ONEDNN_MIN_CHANNELS_3D channels (see forward_on_onednn).
 The input gradient needs no kernel of its own: with stride 1 and padding k//2 it is the forward
 conv of grad_y with the kernel flipped in every dim.
 """
@@ -34,12 +35,16 @@ SUPPORTED_BACKENDS = ("triton", "cuda", "cpu", "eager")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CPU_KERNEL_DTYPES = (torch.float32, torch.float64)  # what the CPU ops take; ops/ widens 16-bit around them
 MAX_KERNEL_SIZE = 7
-# From this many elements of float32 NCHW 2-D input (x and y then fill a 512 KiB L2), PyTorch's
-# conv (oneDNN) mostly beat the cpu kernel's forward (AMD EPYC, AVX2, 1 thread: oneDNN / ours
-# mostly 0.2-0.9 from 1x64x32x32 on, 1.0-3.2 up to 1x320x14x14; docs/DESIGN.md). The kernel's NCHW <-> (N, D,
-# H, W, C) relayouts are strided copies of x and y, cheap while those stay in L2; channels-last
-# input needs none, and on 3-D NCHW input ours still won (1.03-2.4x).
+# PyTorch's conv (oneDNN) mostly beat the cpu kernel's forward on float32 (AMD EPYC, AVX2, 1 thread;
+# docs/DESIGN.md) in two places. NCHW 2-D input from this many elements on (x and y then fill a 512
+# KiB L2): oneDNN / ours 0.2-1.0 from 1x64x32x32 on, 1.1-3.2 up to 1x320x14x14; the kernel's NCHW
+# <-> (N, D, H, W, C) relayouts are strided copies of x and y, cheap while those stay in L2
+# (channels-last input needs none, and on 3-D NCHW input ours won). And 3-D input with at least
+# ONEDNN_MIN_CHANNELS_3D channels, either layout: 0.4-0.9 for 5x5x5 and unfused 3x3x3, level
+# (0.9-1.2) for 3x3x3 with the residual; below 512 channels ours won 3x3x3 (1.1-2.9) and 5x5x5
+# was mixed (0.6-1.3, no model runs it there).
 ONEDNN_MIN_NUMEL = 64 * 1024
+ONEDNN_MIN_CHANNELS_3D = 512
 
 # None: the rule of forward_on_onednn; True/False: always/never (tests, the bench).
 _onednn_forced: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
@@ -150,8 +155,11 @@ def forward_on_onednn(x: torch.Tensor) -> bool:
     forced = _onednn_forced.get()
     if forced is not None:
         return forced
-    return (x.dtype == torch.float32 and x.dim() == 4 and x.numel() >= ONEDNN_MIN_NUMEL
-            and memory_format_of(x) == torch.contiguous_format)
+    if x.dtype != torch.float32:
+        return False  # PyTorch's float64 and (without AVX-512) bfloat16 convs are no oneDNN
+    if x.dim() == 5:
+        return x.shape[1] >= ONEDNN_MIN_CHANNELS_3D
+    return x.numel() >= ONEDNN_MIN_NUMEL and memory_format_of(x) == torch.contiguous_format
 
 
 @contextlib.contextmanager
