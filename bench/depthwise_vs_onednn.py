@@ -2,7 +2,9 @@
 the models (bench/shapes.py): the pos_embed 3x3 / 3x3x3 and the CBlock's local 5x5 / 5x5x5 convs,
 with and without the fused residual, in each layout the op may receive (channels-last, NCHW) and
 each dtype asked for. This is the measurement the cpu backend's oneDNN rule rests on
-(ops/_depthwise_common.py: onednn_wins; docs/DESIGN.md has the table).
+(ops/_depthwise_common.py: forward_on_onednn; docs/DESIGN.md has the summary), and the last
+column says what that rule picks, so a run on another host (AVX-512, more threads) shows at once
+whether the rule still holds there.
 
 Both sides run the op's own implementation function with the backend forced, so they pay the same
 Python: ``cpu`` with the oneDNN rule off (our C++ kernel, 16-bit widened as the op does) and
@@ -53,7 +55,8 @@ def round_time(fn, calls):
 
 
 def compare(shape, kernel, dtype, layout, residual, repeats, round_s):
-    """(ours s, oneDNN s): minima over alternating rounds."""
+    """(ours s, oneDNN s, whether the cpu backend's rule picks oneDNN): minima over alternating
+    rounds."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=gen).to(dtype)
     if layout == "channels_last":
@@ -77,7 +80,7 @@ def compare(shape, kernel, dtype, layout, residual, repeats, round_s):
             for name, (backend, _, calls) in sides.items():
                 with uk.backend(backend):
                     best[name] = min(best[name], round_time(run, calls))
-    return best["ours"], best["onednn"]
+    return best["ours"], best["onednn"], common.forward_on_onednn(x, kernel, residual)
 
 
 def main():
@@ -101,17 +104,19 @@ def main():
     print(f"{cpu}, cpu kernels {info['cpu_kernel_isa']}, {args.threads} thread(s), torch "
           f"{torch.__version__}, batch {args.batch}, min of {args.repeats} rounds of "
           f"~{args.round_ms:g} ms, load average {os.getloadavg()[0]:.2f} at start (indicative)\n")
-    print("| shape | kernel | first seen | dtype | layout | residual | ours us | oneDNN us | oneDNN / ours |")
-    print("|---|---|---|---|---|---|--:|--:|--:|")
+    print("| shape | kernel | first seen | dtype | layout | residual | ours us | oneDNN us | "
+          "oneDNN / ours | the cpu backend runs |")
+    print("|---|---|---|---|---|---|--:|--:|--:|---|")
     for (shape, kernel, kind), where in model_shapes(args.configs, args.batch, args.kinds).items():
         for dtype_name in args.dtypes:
             for layout in args.layouts:
                 for residual in residuals:
-                    ours, onednn = compare(shape, kernel, DTYPES[dtype_name], layout, residual,
+                    ours, onednn, rule = compare(shape, kernel, DTYPES[dtype_name], layout, residual,
                                            args.repeats, args.round_ms / 1e3)
                     print(f"| {'x'.join(map(str, shape))} | {'x'.join(map(str, kernel))} | "
                           f"{where}:{kind} | {dtype_name} | {layout} | {'yes' if residual else 'no'} | "
-                          f"{ours * 1e6:.0f} | {onednn * 1e6:.0f} | {onednn / ours:.2f} |", flush=True)
+                          f"{ours * 1e6:.0f} | {onednn * 1e6:.0f} | {onednn / ours:.2f} | "
+                          f"{'oneDNN' if rule else 'ours'} |", flush=True)
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
 
 

@@ -29,41 +29,48 @@ def cl(*shape, dtype=torch.float32):
     return torch.empty(shape, dtype=dtype).contiguous(memory_format=channels_last(len(shape)))
 
 
-@pytest.mark.parametrize("x,expected", [
-    (nchw(1, 64, 56, 56), True),  # S/XXS stage 1 and 2 maps, dense XXS: NCHW 2-D float32, large
-    (nchw(1, 128, 28, 28), True),
-    (nchw(1, 56, 128, 128), True),
-    (nchw(8, 512, 7, 7), True),  # the batch counts: the relayouts copy all of it
-    (nchw(1, common.ONEDNN_MIN_NUMEL, 1, 1), True),
-    (nchw(1, common.ONEDNN_MIN_NUMEL - 1, 1, 1), False),
-    (nchw(1, 320, 14, 14), False),  # small maps: ours, relayouts included, was faster
-    (nchw(1, 512, 7, 7), False),
-    (cl(1, 64, 56, 56), False),  # channels-last: no relayout, ours everywhere
-    (cl(1, 56, 128, 128), False),
-    (nchw(1, 64, 4, 56, 56), False),  # 3-D up to 384 channels: ours on either layout
-    (cl(1, 320, 4, 14, 14), False),
-    (cl(1, 512, 4, 7, 7), True),  # 3-D from 512 channels: oneDNN on either layout
-    (nchw(1, 512, 2, 3, 3), True),
-    (cl(1, 512, 4, 7, 7, dtype=torch.float64), False),
-    (nchw(1, 64, 56, 56, dtype=torch.float64), False),  # PyTorch's float64 conv is no oneDNN
-    (nchw(1, 64, 56, 56, dtype=torch.bfloat16), False),  # nor is its bfloat16 one without AVX-512
-    (torch.empty(1, 64, 112, 56)[:, :, ::2], True),  # strided NCHW view: relayouts as well
+K2, K3 = (3, 3), (3, 3, 3)
+
+
+@pytest.mark.parametrize("x,kernel,residual,expected", [
+    (nchw(1, 64, 56, 56), K2, False, True),  # S/XXS stage 1-2, dense XXS: NCHW 2-D float32, large
+    (nchw(1, 128, 28, 28), (5, 5), True, True),
+    (nchw(1, 56, 128, 128), K2, True, True),
+    (nchw(8, 512, 7, 7), K2, False, True),  # the batch counts: the relayouts copy all of it
+    (nchw(1, common.ONEDNN_MIN_NUMEL, 1, 1), K2, False, True),
+    (nchw(1, common.ONEDNN_MIN_NUMEL - 1, 1, 1), K2, False, False),
+    (nchw(1, 320, 14, 14), K2, False, False),  # small maps: ours, relayouts included, was faster
+    (nchw(1, 512, 7, 7), K2, True, False),
+    (cl(1, 64, 56, 56), (5, 5), False, False),  # channels-last: no relayout, ours everywhere
+    (cl(1, 56, 128, 128), K2, False, False),
+    (torch.empty(1, 64, 112, 56)[:, :, ::2], K2, False, True),  # strided NCHW view: relayouts too
+    (nchw(1, 64, 4, 56, 56), (5, 5, 5), False, False),  # 3-D below 512 channels: ours, any layout
+    (cl(1, 320, 4, 14, 14), K3, False, False),
+    (cl(1, 512, 4, 7, 7), K3, False, True),  # 3-D from 512 channels: oneDNN, either layout...
+    (nchw(1, 512, 2, 3, 3), (1, 5, 5), True, True),
+    (cl(1, 512, 4, 7, 7), K3, True, False),  # ...but for 3x3x3 with our fused residual
+    (nchw(1, 64, 56, 56, dtype=torch.float64), K2, False, False),  # PyTorch's float64 conv is no
+    (cl(1, 512, 4, 7, 7, dtype=torch.float64), K3, False, False),  # oneDNN,
+    (nchw(1, 64, 56, 56, dtype=torch.bfloat16), K2, False, False),  # nor without AVX-512 bfloat16
 ], ids=lambda v: "x".join(map(str, v.shape)) + f"-{v.dtype}-{common.memory_format_of(v)}"
     if isinstance(v, torch.Tensor) else str(v))
-def test_rule_picks_what_was_measured_faster(x, expected):
-    assert common.forward_on_onednn(x) is expected
+def test_rule_picks_what_was_measured_faster(x, kernel, residual, expected):
+    assert common.forward_on_onednn(x, kernel, residual) is expected
 
 
 def test_forcing_overrides_the_rule_and_nests():
+    def on_onednn(x):
+        return common.forward_on_onednn(x, K2, False)
+
     large, small = nchw(1, 64, 56, 56), cl(1, 8, 5, 5)
     with common.cpu_onednn(True):
-        assert common.forward_on_onednn(small)
+        assert on_onednn(small)
         with common.cpu_onednn(False):
-            assert not common.forward_on_onednn(large)
+            assert not on_onednn(large)
             with common.cpu_onednn(None):
-                assert common.forward_on_onednn(large) and not common.forward_on_onednn(small)
-        assert common.forward_on_onednn(small)
-    assert common.forward_on_onednn(large) and not common.forward_on_onednn(small)
+                assert on_onednn(large) and not on_onednn(small)
+        assert on_onednn(small)
+    assert on_onednn(large) and not on_onednn(small)
     with pytest.raises(TypeError, match="use"):
         with common.cpu_onednn(1):
             pass
@@ -78,19 +85,22 @@ def ops_run(fn):
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct-call", "through-the-op"])
 def test_each_path_runs_where_chosen(direct):
-    """Large NCHW runs PyTorch's conv, channels-last our kernel, with or without the custom op's
-    dispatch (a gradient to record sends the call through it); the backward stays ours."""
-    for x, expected in ((make_inputs(1, 64, (56, 56), (3, 3))[0], "oneDNN"),
-                        (make_inputs(1, 64, (56, 56), (3, 3), memory_format=torch.channels_last)[0],
-                         "ours")):
-        weight = torch.randn(64, 1, 3, 3, requires_grad=not direct)
+    """Each path runs where the rule sends it, with or without the custom op's dispatch (a
+    gradient to record sends the call through it); the backward stays ours."""
+    for shape, kernel, fmt, residual, expected in (
+            ((1, 64, 56, 56), (3, 3), None, True, "oneDNN"),
+            ((1, 64, 56, 56), (3, 3), torch.channels_last, True, "ours"),
+            ((1, 512, 2, 7, 7), (3, 3, 3), None, False, "oneDNN"),
+            ((1, 512, 2, 7, 7), (3, 3, 3), None, True, "ours")):
+        x, weight, _ = make_inputs(shape[0], shape[1], shape[2:], kernel, memory_format=fmt)
+        weight.requires_grad_(not direct)
         with uk.backend("cpu"):
-            names = ops_run(lambda: uk.ops.depthwise_conv(x, weight, None, residual=True))
+            names = ops_run(lambda: uk.ops.depthwise_conv(x, weight, None, residual=residual))
         ran = "ours" if KERNEL_OP in names else "oneDNN" if "aten::convolution" in names else None
-        assert ran == expected, sorted(names)
+        assert ran == expected, (shape, residual, sorted(names))
         if not direct:
             with uk.backend("cpu"):
-                y = uk.ops.depthwise_conv(x, weight, None, residual=True)
+                y = uk.ops.depthwise_conv(x, weight, None, residual=residual)
                 names = ops_run(lambda: y.sum().backward())
             assert "uniformer_kernels_C::depthwise_conv_backward_cpu" in names, sorted(names)
 
@@ -127,7 +137,7 @@ def test_forced_onednn_keeps_the_dtype_contract(dtype):
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
 def test_jit_trace_records_the_op_on_the_onednn_path():
     x, weight, bias = make_inputs(1, 64, (56, 56), (3, 3))
-    assert common.forward_on_onednn(x)
+    assert common.forward_on_onednn(x, K2, True)
     with uk.backend("cpu"):
         traced = torch.jit.trace(lambda x, w, b: uk.ops.depthwise_conv(x, w, b, residual=True),
                                  (x, weight, bias))

@@ -16,7 +16,7 @@ calls a call at batch-1 shapes; they compute in float32/float64, so 16-bit input
 around them.
 The cpu backend's forward runs PyTorch's conv (oneDNN) instead where that was measured faster:
 float32 NCHW 2-D input of at least ONEDNN_MIN_NUMEL elements, float32 3-D input of at least
-ONEDNN_MIN_CHANNELS_3D channels (see forward_on_onednn).
+ONEDNN_MIN_CHANNELS_3D channels unless a 3x3x3 conv with the residual (see forward_on_onednn).
 The input gradient needs no kernel of its own: with stride 1 and padding k//2 it is the forward
 conv of grad_y with the kernel flipped in every dim.
 """
@@ -40,9 +40,9 @@ MAX_KERNEL_SIZE = 7
 # KiB L2): oneDNN / ours 0.2-1.0 from 1x64x32x32 on, 1.1-3.2 up to 1x320x14x14; the kernel's NCHW
 # <-> (N, D, H, W, C) relayouts are strided copies of x and y, cheap while those stay in L2
 # (channels-last input needs none, and on 3-D NCHW input ours won). And 3-D input with at least
-# ONEDNN_MIN_CHANNELS_3D channels, either layout: 0.4-0.9 for 5x5x5 and unfused 3x3x3, level
-# (0.9-1.2) for 3x3x3 with the residual; below 512 channels ours won 3x3x3 (1.1-2.9) and 5x5x5
-# was mixed (0.6-1.3, no model runs it there).
+# ONEDNN_MIN_CHANNELS_3D channels, either layout: 0.4-0.9 for 5x5x5, 0.7-1.0 for unfused 3x3x3;
+# not 3x3x3 with the residual, where our fused add saves oneDNN's extra pass (0.9-1.3). Below 512
+# channels ours won 3x3x3 (1.1-2.9) and 5x5x5 was mixed (0.6-1.3, no model runs it there).
 ONEDNN_MIN_NUMEL = 64 * 1024
 ONEDNN_MIN_CHANNELS_3D = 512
 
@@ -148,9 +148,9 @@ def kernel_size_5d(kernel_size: tuple[int, ...]) -> list[int]:
     return [1, *kernel_size] if len(kernel_size) == 2 else list(kernel_size)
 
 
-def forward_on_onednn(x: torch.Tensor) -> bool:
-    """Whether the cpu backend's depthwise forward on ``x`` runs PyTorch's conv (oneDNN) rather
-    than our kernel. A pure function of dtype, rank, layout and size (unless forced), so traced,
+def forward_on_onednn(x: torch.Tensor, kernel_size: tuple[int, ...], residual: bool) -> bool:
+    """Whether the cpu backend's depthwise forward runs PyTorch's conv (oneDNN) rather than our
+    kernel. A pure function of dtype, rank, layout, sizes and residual (unless forced), so traced,
     compiled and eager calls choose alike and nothing is timed at run time."""
     forced = _onednn_forced.get()
     if forced is not None:
@@ -158,7 +158,7 @@ def forward_on_onednn(x: torch.Tensor) -> bool:
     if x.dtype != torch.float32:
         return False  # PyTorch's float64 and (without AVX-512) bfloat16 convs are no oneDNN
     if x.dim() == 5:
-        return x.shape[1] >= ONEDNN_MIN_CHANNELS_3D
+        return x.shape[1] >= ONEDNN_MIN_CHANNELS_3D and (not residual or max(kernel_size) > 3)
     return x.numel() >= ONEDNN_MIN_NUMEL and memory_format_of(x) == torch.contiguous_format
 
 
