@@ -35,14 +35,14 @@ SUPPORTED_BACKENDS = ("triton", "cuda", "cpu", "eager")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CPU_KERNEL_DTYPES = (torch.float32, torch.float64)  # what the CPU ops take; ops/ widens 16-bit around them
 MAX_KERNEL_SIZE = 7
-# PyTorch's conv (oneDNN) mostly beat the cpu kernel's forward on float32 (AMD EPYC, AVX2, 1 thread;
-# docs/DESIGN.md) in two places. NCHW 2-D input from this many elements on (x and y then fill a 512
-# KiB L2): oneDNN / ours 0.2-1.0 from 1x64x32x32 on, 1.1-3.2 up to 1x320x14x14; the kernel's NCHW
-# <-> (N, D, H, W, C) relayouts are strided copies of x and y, cheap while those stay in L2
-# (channels-last input needs none, and on 3-D NCHW input ours won). And 3-D input with at least
-# ONEDNN_MIN_CHANNELS_3D channels, either layout: 0.4-0.9 for 5x5x5, 0.7-1.0 for unfused 3x3x3;
-# not 3x3x3 with the residual, where our fused add saves oneDNN's extra pass (0.9-1.3). Below 512
-# channels ours won 3x3x3 (1.1-2.9) and 5x5x5 was mixed (0.6-1.3, no model runs it there).
+# PyTorch's conv (oneDNN) beat the cpu kernel's float32 forward in two places (AMD EPYC, AVX2, 1
+# thread; the numbers are in docs/DESIGN.md, "Against oneDNN"). NCHW 2-D input from this many
+# elements on, where x and y together fill a 512 KiB L2: the kernel's NCHW <-> (N, D, H, W, C)
+# relayouts are strided copies, cheap in L2 and not beyond (oneDNN / ours 0.2-0.86 at the models'
+# larger maps; channels-last input needs no relayout, and on 3-D NCHW input ours won). And 3-D
+# input with at least ONEDNN_MIN_CHANNELS_3D channels, either layout (5x5x5 0.4-1.0, unfused 3x3x3
+# median 0.85), but for 3x3x3 with the residual, where our fused add saves oneDNN's extra pass
+# over y (level or ours).
 ONEDNN_MIN_NUMEL = 64 * 1024
 ONEDNN_MIN_CHANNELS_3D = 512
 
