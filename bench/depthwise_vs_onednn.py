@@ -60,7 +60,8 @@ def compare(shape, kernel, dtype, layout, residual, repeats, round_s):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=gen).to(dtype)
     if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        x = x.contiguous(memory_format=fmt)
     weight = torch.randn(shape[1], 1, *kernel, generator=gen).to(dtype)
     bias = torch.randn(shape[1], generator=gen).to(dtype)
     run = lambda: _depthwise_conv_impl(x, weight, bias, residual)  # noqa: E731
@@ -111,10 +112,11 @@ def main():
         for dtype_name in args.dtypes:
             for layout in args.layouts:
                 for residual in residuals:
-                    ours, onednn, rule = compare(shape, kernel, DTYPES[dtype_name], layout, residual,
-                                           args.repeats, args.round_ms / 1e3)
+                    ours, onednn, rule = compare(shape, kernel, DTYPES[dtype_name], layout,
+                                                 residual, args.repeats, args.round_ms / 1e3)
                     print(f"| {'x'.join(map(str, shape))} | {'x'.join(map(str, kernel))} | "
-                          f"{where}:{kind} | {dtype_name} | {layout} | {'yes' if residual else 'no'} | "
+                          f"{where}:{kind} | {dtype_name} | {layout} | "
+                          f"{'yes' if residual else 'no'} | "
                           f"{ours * 1e6:.0f} | {onednn * 1e6:.0f} | {onednn / ours:.2f} | "
                           f"{'oneDNN' if rule else 'ours'} |", flush=True)
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")

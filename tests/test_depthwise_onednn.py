@@ -118,7 +118,8 @@ PARITY_CASES = [
                          if isinstance(v, tuple) else str(v))
 def test_forced_paths_match_float64(use_onednn, shape, kernel, fmt):
     memory_format = channels_last(len(shape)) if fmt == "cl" else None
-    x, weight, bias = make_inputs(shape[0], shape[1], shape[2:], kernel, memory_format=memory_format)
+    x, weight, bias = make_inputs(shape[0], shape[1], shape[2:], kernel,
+                                  memory_format=memory_format)
     with common.cpu_onednn(use_onednn):
         with uk.backend("cpu"):
             names = ops_run(lambda: uk.ops.depthwise_conv(x, weight, bias, residual=True))
