@@ -14,12 +14,18 @@ The cpu backend skips this layer: its ops (depthwise_conv_cpu, depthwise_conv_ba
 pos_embed_norm_cpu) take the ops' own layouts and relayout in C++, which saves ~100 µs of PyTorch
 calls a call at batch-1 shapes; they compute in float32/float64, so 16-bit inputs are widened
 around them.
+The cpu backend's forward runs PyTorch's conv (oneDNN) instead where that was measured faster:
+float32 NCHW 2-D input of at least ONEDNN_MIN_NUMEL elements, float32 3-D input of at least
+ONEDNN_MIN_CHANNELS_3D channels unless a 3x3x3 conv with the residual (see forward_on_onednn).
 The input gradient needs no kernel of its own: with stride 1 and padding k//2 it is the forward
 conv of grad_y with the kernel flipped in every dim.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
 
 import torch
 
@@ -29,6 +35,20 @@ SUPPORTED_BACKENDS = ("triton", "cuda", "cpu", "eager")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CPU_KERNEL_DTYPES = (torch.float32, torch.float64)  # what the CPU ops take; ops/ widens 16-bit around them
 MAX_KERNEL_SIZE = 7
+# PyTorch's conv (oneDNN) beat the cpu kernel's float32 forward in two places (AMD EPYC, AVX2, 1
+# thread; the numbers are in docs/DESIGN.md, "Against oneDNN"). NCHW 2-D input from this many
+# elements on, where x and y together fill a 512 KiB L2: the kernel's NCHW <-> (N, D, H, W, C)
+# relayouts are strided copies, cheap in L2 and not beyond (oneDNN / ours 0.2-0.86 at the models'
+# larger maps; channels-last input needs no relayout, and on 3-D NCHW input ours won). And 3-D
+# input with at least ONEDNN_MIN_CHANNELS_3D channels, either layout (5x5x5 0.4-1.0, unfused 3x3x3
+# median 0.85), but for 3x3x3 with the residual, where our fused add saves oneDNN's extra pass
+# over y (level or ours).
+ONEDNN_MIN_NUMEL = 64 * 1024
+ONEDNN_MIN_CHANNELS_3D = 512
+
+# None: the rule of forward_on_onednn; True/False: always/never (tests, the bench).
+_onednn_forced: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "uniformer_kernels_cpu_onednn", default=None)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -126,6 +146,33 @@ def in_layout_of(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 def kernel_size_5d(kernel_size: tuple[int, ...]) -> list[int]:
     return [1, *kernel_size] if len(kernel_size) == 2 else list(kernel_size)
+
+
+def forward_on_onednn(x: torch.Tensor, kernel_size: tuple[int, ...], residual: bool) -> bool:
+    """Whether the cpu backend's depthwise forward runs PyTorch's conv (oneDNN) rather than our
+    kernel. A pure function of dtype, rank, layout, sizes and residual (unless forced), so traced,
+    compiled and eager calls choose alike and nothing is timed at run time."""
+    forced = _onednn_forced.get()
+    if forced is not None:
+        return forced
+    if x.dtype != torch.float32:
+        return False  # PyTorch's float64 and (without AVX-512) bfloat16 convs are no oneDNN
+    if x.dim() == 5:
+        return x.shape[1] >= ONEDNN_MIN_CHANNELS_3D and (not residual or max(kernel_size) > 3)
+    return x.numel() >= ONEDNN_MIN_NUMEL and memory_format_of(x) == torch.contiguous_format
+
+
+@contextlib.contextmanager
+def cpu_onednn(use: bool | None) -> Iterator[None]:
+    """Inside the block the cpu backend's depthwise forward runs oneDNN always (True), never
+    (False) or by forward_on_onednn's rule (None); this thread or async task only."""
+    if use is not None and not isinstance(use, bool):
+        raise TypeError(f"use: expected True, False or None, got {type(use).__name__}")
+    token = _onednn_forced.set(use)
+    try:
+        yield
+    finally:
+        _onednn_forced.reset(token)
 
 
 def choose_backend(x: torch.Tensor, op: str) -> str:

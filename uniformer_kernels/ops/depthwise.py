@@ -53,6 +53,8 @@ def _depthwise_conv_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if backend == "eager":
         return eager_depthwise_conv(x, weight, bias, residual)
     if backend == "cpu":  # one C++ call, relayouts included
+        if common.forward_on_onednn(x, tuple(weight.shape[2:]), residual):  # measured faster
+            return eager_depthwise_conv(x, weight, bias, residual)
         if x.dtype in common.CPU_KERNEL_DTYPES:
             return torch.ops.uniformer_kernels_C.depthwise_conv_cpu(x, weight, bias, residual)
         y = torch.ops.uniformer_kernels_C.depthwise_conv_cpu(
