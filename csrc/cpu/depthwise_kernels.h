@@ -39,17 +39,31 @@ struct DepthwiseKernels {
                          const ConvShape& shape, int64_t begin, int64_t end);
 };
 
+// The forward kernels on bfloat16 activations (x, y, z as uint16_t bits), with float weights,
+// bias, norm parameters, mean and rstd, and float accumulation: as DepthwiseKernels<float>'s on the
+// widened input, each output rounded once to bfloat16 (nearest even).
+struct DepthwiseKernelsBf16 {
+  void (*forward)(const uint16_t* x, const float* weight, const float* bias, bool residual, uint16_t* y,
+                  const ConvShape& shape, int64_t begin, int64_t end, uint16_t* row_buffer);
+  void (*pos_embed_norm)(const uint16_t* x, const float* weight, const float* bias, const float* norm_weight,
+                         const float* norm_bias, bool layer_norm, float eps, uint16_t* y, uint16_t* z,
+                         float* mean, float* rstd, const ConvShape& shape, int64_t begin, int64_t end);
+};
+
 namespace baseline {
 template <typename T>
 DepthwiseKernels<T> kernels();
+DepthwiseKernelsBf16 kernels_bf16();
 }
 namespace avx2 {
 template <typename T>
 DepthwiseKernels<T> kernels();
+DepthwiseKernelsBf16 kernels_bf16();
 }
 namespace avx512 {
 template <typename T>
 DepthwiseKernels<T> kernels();
+DepthwiseKernelsBf16 kernels_bf16();
 }
 
 }  // namespace uniformer_kernels
