@@ -684,6 +684,24 @@ def test_cpu_bf16_store_rounds_to_nearest_even_as_pytorch_does():
 
 
 @cpu_only
+def test_cpu_bf16_opcheck():
+    """The custom ops' fakes and autograd on the native bfloat16 forwards (mean/rstd float32)."""
+    x, weight, bias = make_inputs(2, 13, (5, 7), (3, 3), dtype=torch.bfloat16,
+                                  memory_format=torch.channels_last)
+    x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()
+    norm_weight = torch.randn(13, dtype=torch.bfloat16, requires_grad=True)
+    norm_bias = torch.randn(13, dtype=torch.bfloat16, requires_grad=True)
+    depthwise = importlib.import_module("uniformer_kernels.ops.depthwise")
+    pos_embed_norm = importlib.import_module("uniformer_kernels.ops.pos_embed_norm")
+    with uk.backend("cpu"):
+        torch.library.opcheck(depthwise._depthwise_conv, (x, weight, bias, True))
+        torch.library.opcheck(depthwise._depthwise_conv, (x.detach(), weight, None, False))
+        for norm in (0, 1):
+            torch.library.opcheck(pos_embed_norm._pos_embed_norm,
+                                  (x, weight, bias, norm_weight, norm_bias, norm, 1e-6))
+
+
+@cpu_only
 def test_cpu_bf16_backward_op_refuses_bfloat16():
     """The C++ backward takes float32/float64 only (ops/ widens around it): bfloat16 is refused,
     not misread."""
