@@ -70,8 +70,8 @@ def test_cpu_op_parity_under_each_supported_build(isa):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_cpu_bf16_forwards_under_each_supported_build(isa):
-    """test_depthwise.py's native bfloat16 forward cases (float64 and eager-bfloat16 references,
+def test_cpu_bf16_under_each_supported_build(isa):
+    """test_depthwise.py's native bfloat16 cases (float64 and eager-bfloat16 references,
     poisoned outputs, every lane kind, rounding) in a process forced to ``isa``: quick enough to
     run unmarked, so the baseline build's bfloat16 loads and stores are checked on every run."""
     supported = facts()["cpu_isas_supported"]
@@ -152,6 +152,7 @@ def wide(tmp_path_factory):
     lib.uk_wide_weight_grad.argtypes = [I, P, P, P, P, sizes]
     lib.uk_wide_pos_embed_norm.argtypes = [I, P, P, P, P, P, I, ctypes.c_double, P, P, P, P, sizes]
     lib.uk_wide_forward_bf16.argtypes = [P, P, P, I, P, sizes, P]
+    lib.uk_wide_weight_grad_bf16.argtypes = [P, P, P, P, sizes]
     lib.uk_wide_pos_embed_norm_bf16.argtypes = [P, P, P, P, P, I, ctypes.c_double, P, P, P, P, sizes]
     return lib
 
@@ -241,11 +242,12 @@ def test_avx512_traits_pos_embed_norm_matches_float64(wide, dtype, norm, channel
 
 
 @pytest.mark.parametrize("channels", WIDE_CHANNELS)
-def test_avx512_traits_bf16_forwards_match_the_float_kernels_rounded_once(wide, channels):
-    """The bfloat16 forwards with 16-lane traits (loads widened and stores rounded on 16, 8 and
+def test_avx512_traits_bf16_kernels_match_the_float_kernels(wide, channels):
+    """The bfloat16 kernels with 16-lane traits (loads widened and stores rounded on 16, 8 and
     4 lanes and on scalars, streamed rows): the conv bit for bit the float kernel on the widened
-    input rounded once, and within the bfloat16 contract of float64; pos_embed_norm's z against
-    float64 norms of the stored y."""
+    input rounded once, and within the bfloat16 contract of float64; the weight gradient bit for
+    bit the float kernel's on widened tensors; pos_embed_norm's z against float64 norms of the
+    stored y."""
     for i, (spatial, kernel) in enumerate(WIDE_CASES):
         x5, weight, bias = wide_inputs((*spatial, channels), kernel, torch.float32, seed=channels * 10 + i)
         x16 = x5.to(torch.bfloat16)
@@ -264,6 +266,13 @@ def test_avx512_traits_bf16_forwards_match_the_float_kernels_rounded_once(wide, 
                 assert torch.equal(y, y32.to(torch.bfloat16)), f"{spatial} {kernel} residual={residual}"
                 want = reference_conv5(x16, weight, bias) + (x16.double() if residual else 0)
                 assert_rel_close(y, want, tolerance(torch.bfloat16, "conv"), f"y {spatial} {kernel}")
+        grad_y16 = torch.randn(x5.shape, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16)
+        grad_y_widened = grad_y16.float()  # held, as x_widened
+        grad_w, grad_b = torch.zeros_like(weight), torch.zeros_like(bias)
+        wide.uk_wide_weight_grad_bf16(ptr(grad_y16), ptr(x16), ptr(grad_w), ptr(grad_b), sizes)
+        want_w, want_b = torch.zeros_like(weight), torch.zeros_like(bias)
+        wide.uk_wide_weight_grad(0, ptr(grad_y_widened), ptr(x_widened), ptr(want_w), ptr(want_b), sizes)
+        assert torch.equal(grad_w, want_w) and torch.equal(grad_b, want_b), f"weight grad {spatial} {kernel}"
     x5, weight, bias = wide_inputs((2, 1, 5, 17, channels), (1, 3, 3), torch.float32, seed=channels)
     x16 = x5.to(torch.bfloat16)
     gen = torch.Generator().manual_seed(channels + 1)

@@ -554,10 +554,11 @@ def test_pos_embed_norm_rejects_bad_input(case):
         uk.ops.pos_embed_norm(**kwargs)
 
 
-# ---- the cpu backend's native bfloat16 forwards ---------------------------------------------------
-# The C++ forwards load and store bfloat16 themselves (float weights and accumulation): checked
-# against float64, against 2x the error of the eager bfloat16 composition, and, for the conv,
-# bit for bit against the float32 kernel on the widened input rounded once (what ops/ ran before).
+# ---- the cpu backend's native bfloat16 ----------------------------------------------------------
+# The C++ ops load and store bfloat16 themselves (float weights and accumulation): checked
+# against float64, against 2x the error of the eager bfloat16 composition, and, for the conv and
+# its backward, bit for bit against the float32 kernels on the widened input rounded once (what
+# ops/ ran before).
 # Names contain "cpu_bf16": tests/test_cpu_isa.py re-runs them under every ISA build of this CPU.
 # Outputs are allocated inside the op, so they are poisoned through PyTorch's deterministic mode,
 # which fills every fresh floating tensor with NaN (an unwritten element then fails).
@@ -702,10 +703,35 @@ def test_cpu_bf16_opcheck():
 
 
 @cpu_only
-def test_cpu_bf16_backward_op_refuses_bfloat16():
-    """The C++ backward takes float32/float64 only (ops/ widens around it): bfloat16 is refused,
+@pytest.mark.parametrize("shape,kernel", BF16_CASES, ids=str)
+def test_cpu_bf16_depthwise_conv_backward(shape, kernel):
+    """The C++ backward on bfloat16 grad_y and x: grad_x the bfloat16 forward of the flipped kernel,
+    weight and bias gradients summed in float and rounded once; each bit for bit the float32 kernels
+    on the widened tensors, and within the contract of float64."""
+    x, weight, _ = make_inputs(shape[0], shape[1], shape[2:], kernel, dtype=torch.bfloat16,
+                               memory_format=channels_last(len(shape)), seed=shape[1] + 1)
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    backward = torch.ops.uniformer_kernels_C.depthwise_conv_backward_cpu
+    for residual in (False, True):
+        with poisoned_outputs():
+            grads = backward(grad_y, x, weight, residual, [True, True, True])
+        widened = backward(grad_y.float(), x.float(), weight.float(), residual, [True, True, True])
+        x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
+        b64 = torch.zeros(shape[1], dtype=torch.float64, requires_grad=True)
+        want = grads_of(reference_conv(x64, w64, b64, residual), (x64, w64, b64), grad_y.double())
+        for name, got, wide, ref in zip(("grad_x", "grad_weight", "grad_bias"), grads, widened, want):
+            assert got.dtype == torch.bfloat16, name
+            assert torch.equal(got, wide.to(torch.bfloat16)), f"{name} residual={residual}"
+            assert_rel_close(got, ref, tolerance(torch.bfloat16, "conv"), f"{name} residual={residual}")
+
+
+@cpu_only
+def test_cpu_kernels_refuse_float16():
+    """The C++ ops take float32, float64 and bfloat16 (ops/ widens float16): float16 is refused,
     not misread."""
-    x = torch.randn(1, 8, 5, 5, dtype=torch.bfloat16)
-    weight = torch.randn(8, 1, 3, 3, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="float32, float64 \\(ops/"):
+    x = torch.randn(1, 8, 5, 5, dtype=torch.float16)
+    weight = torch.randn(8, 1, 3, 3, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="float32, float64 or bfloat16"):
         torch.ops.uniformer_kernels_C.depthwise_conv_backward_cpu(x, x, weight, False, [True, True, True])
+    with pytest.raises(RuntimeError, match="float32, float64 or bfloat16"):
+        torch.ops.uniformer_kernels_C.depthwise_conv_cpu(x, weight, None, False)

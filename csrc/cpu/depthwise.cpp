@@ -9,9 +9,9 @@
 //   ops' own layouts (x (N, C, [D,] H, W) in either memory format, weight (C, 1, [KD,] KH, KW)).
 //   The relayouts happen here, in C++: at UniFormer's batch-1 stage-3/4 shapes the same relayouts
 //   as PyTorch calls from Python took ~130 us against a ~40 us kernel.
-// The forwards (depthwise_conv_cpu, pos_embed_norm_cpu) also take bfloat16 activations natively
-// (weights and norm parameters converted to float here; mean and rstd float); the backward takes
-// float32/float64 only, ops/ widening 16-bit around it.
+// depthwise_conv_cpu, depthwise_conv_backward_cpu and pos_embed_norm_cpu also take bfloat16
+// activations natively (weights and norm parameters converted to float here, mean and rstd float,
+// weight and bias gradients summed in float and returned in the weight's dtype).
 // The checks here are the last line of defence against an out-of-bounds access, not the
 // user-facing validation.
 #include <ATen/ATen.h>
@@ -81,12 +81,11 @@ void check_param(const at::Tensor& p, const at::Tensor& x, at::IntArrayRef sizes
               " (the accumulation dtype), got ", p.scalar_type());
 }
 
-// with_bf16: whether the op takes bfloat16 too (the forwards do, the backward does not).
-void check_cpu_dtype(const at::Tensor& x, bool with_bf16) {
+void check_cpu_dtype(const at::Tensor& x) {
   const at::ScalarType t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || (with_bf16 && t == at::kBFloat16),
-              "uniformer_kernels: this CPU op takes float32, float64", with_bf16 ? " or bfloat16" : "",
-              " (ops/ converts other 16-bit inputs), got ", t);
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16,
+              "uniformer_kernels: the CPU kernels take float32, float64 or bfloat16 (ops/ converts float16 inputs), "
+              "got ", t);
 }
 
 // Rows per task: enough work per task (~32K multiply-adds) to amortise scheduling.
@@ -143,8 +142,8 @@ at::MemoryFormat output_format(const at::Tensor& x) {
   return x.is_contiguous(channels_last) && !x.is_contiguous() ? channels_last : at::MemoryFormat::Contiguous;
 }
 
-void check_op_layout_args(const at::Tensor& x, const at::Tensor& weight, bool with_bf16) {
-  check_cpu_dtype(x, with_bf16);
+void check_op_layout_args(const at::Tensor& x, const at::Tensor& weight) {
+  check_cpu_dtype(x);
   TORCH_CHECK((x.dim() == 4 || x.dim() == 5) && weight.dim() == x.dim() && weight.size(0) == x.size(1) &&
                   weight.size(1) == 1 && weight.scalar_type() == x.scalar_type(),
               "uniformer_kernels: expected x (N, C, [D,] H, W) and a depthwise weight (C, 1, [KD,] KH, KW) of its "
@@ -208,7 +207,7 @@ struct OpLayoutOutput {
 
 at::Tensor depthwise_conv_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               bool residual) {
-  check_op_layout_args(x, weight, /*with_bf16=*/true);
+  check_op_layout_args(x, weight);
   const at::Tensor x5 = channels_last_5d_view(x).contiguous();
   const at::Tensor taps_last = weight_taps_last(weight);
   std::optional<at::Tensor> bias_c;
@@ -234,20 +233,33 @@ std::tuple<at::Tensor, at::Tensor> run_weight_grad(const at::Tensor& grad_y, con
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
   const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
   const int64_t taps = s.kernel_d * s.kernel_h * s.kernel_w;
-  at::Tensor partial_w = at::zeros({chunks, taps * s.channels}, x.options());
-  at::Tensor partial_b = at::zeros({chunks, s.channels}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "run_weight_grad", [&] {
-    const auto& k = cpu_kernels<scalar_t>();
+  const auto acc_options = x.options().dtype(accumulation_type(x.scalar_type()));
+  at::Tensor partial_w = at::zeros({chunks, taps * s.channels}, acc_options);
+  at::Tensor partial_b = at::zeros({chunks, s.channels}, acc_options);
+  if (x.scalar_type() == at::kBFloat16) {
+    const auto& k = cpu_kernels_bf16();
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
         const int64_t begin = chunk * rows_per_chunk, end = std::min(rows, begin + rows_per_chunk);
         if (begin >= end) continue;
-        k.weight_grad(grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                      partial_w[chunk].data_ptr<scalar_t>(), partial_b[chunk].data_ptr<scalar_t>(), s, begin,
-                      end);
+        k.weight_grad(bf16_bits(grad_y), bf16_bits(x), partial_w[chunk].data_ptr<float>(),
+                      partial_b[chunk].data_ptr<float>(), s, begin, end);
       }
     });
-  });
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "run_weight_grad", [&] {
+      const auto& k = cpu_kernels<scalar_t>();
+      at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+        for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+          const int64_t begin = chunk * rows_per_chunk, end = std::min(rows, begin + rows_per_chunk);
+          if (begin >= end) continue;
+          k.weight_grad(grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                        partial_w[chunk].data_ptr<scalar_t>(), partial_b[chunk].data_ptr<scalar_t>(), s, begin,
+                        end);
+        }
+      });
+    });
+  }
   at::Tensor grad_w = partial_w[0].clone();
   at::Tensor grad_b = partial_b[0].clone();
   for (int64_t chunk = 1; chunk < chunks; ++chunk) {
@@ -264,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv_backward_cpu(const
                                                                            const at::Tensor& x,
                                                                            const at::Tensor& weight, bool residual,
                                                                            std::array<bool, 3> output_mask) {
-  check_op_layout_args(x, weight, /*with_bf16=*/false);
+  check_op_layout_args(x, weight);
   TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
               "uniformer_kernels: grad_y must match x (", x.sizes(), ", ", x.scalar_type(), "), got ", grad_y.sizes(),
               ", ", grad_y.scalar_type());
@@ -279,8 +291,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv_backward_cpu(const
   if (need_weight || need_bias) {
     const at::Tensor x5 = channels_last_5d_view(x).contiguous();
     auto [grad_w_taps_last, grad_b] = run_weight_grad(grad_y5, x5, kernel_size_3d(weight));
-    if (need_weight) grad_weight = weight_from_taps_last(grad_w_taps_last, weight);
-    if (need_bias) grad_bias = grad_b;
+    if (need_weight) grad_weight = weight_from_taps_last(grad_w_taps_last, weight).to(weight.scalar_type());
+    if (need_bias) grad_bias = grad_b.to(weight.scalar_type());
   }
   return {grad_x, grad_weight, grad_bias};
 }
@@ -324,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor> run_pos_embed_norm(const at::Tensor& x5, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pos_embed_norm_cpu(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& norm_weight,
     const at::Tensor& norm_bias, int64_t norm, double eps) {
-  check_op_layout_args(x, weight, /*with_bf16=*/true);
+  check_op_layout_args(x, weight);
   const at::Tensor x5 = channels_last_5d_view(x).contiguous();
   const at::ScalarType acc = accumulation_type(x.scalar_type());
   OpLayoutOutput y(x), z(x);

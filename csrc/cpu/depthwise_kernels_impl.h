@@ -18,7 +18,7 @@
 // then on scalars: UniFormer's channel counts are multiples of 8, so an AVX-512 float tail
 // (56 = 3 x 16 + 8) is one 8-lane ymm, which costs what a masked zmm would and needs no mask.
 //
-// The forward and pos_embed_norm take their activations (x, y, z) in a storage type S: T itself,
+// Every kernel takes its activations (x, y, z, grad_y) in a storage type S: T itself,
 // or bfloat16 for T = float, S = uint16_t holding the top half of a float's bits. A bfloat16
 // vector is widened in registers on load (zero-extend each lane to 32 bits, shift left 16) and
 // rounded to nearest even on store; weights, bias and accumulation stay float, so bfloat16 input
@@ -332,8 +332,8 @@ void forward_rows(const S* x, const T* weight, const T* bias, bool residual, S* 
 // grad_w[tap row, k, c] += sum over ow of grad_y[ow, c] * x_tap_row[ow + k - KW/2, c], for one tap
 // row and one channel vector. Interior outputs in blocks of OWB keep KW sums and OWB grad vectors in
 // registers; each input vector is loaded once per block.
-template <typename V, typename T, int KW>
-inline void weight_grad_tap_row(const T* grad_y_row, const T* in_row, T* grad_w_row, int64_t c,
+template <typename V, typename T, int KW, typename S>
+inline void weight_grad_tap_row(const S* grad_y_row, const S* in_row, T* grad_w_row, int64_t c,
                                 int64_t C, int64_t W) {
   constexpr int OWB = UK_VECTOR_REGISTERS >= 32 ? 8 : 4;  // KW sums + OWB grads + 1 input
   static_assert(OWB + KW - 1 <= kMaxUnroll, "UK_UNROLL must unroll the input loop fully");
@@ -341,20 +341,20 @@ inline void weight_grad_tap_row(const T* grad_y_row, const T* in_row, T* grad_w_
   for (int k = 0; k < KW; ++k) sum[k] = splat<V, T>(0);
   const int64_t interior_begin = KW / 2, interior_end = max64(W - KW / 2, interior_begin);
   auto border = [&](int64_t ow) {
-    const V g = load<V>(grad_y_row + ow * C + c);
+    const V g = load_act<V, T>(grad_y_row + ow * C + c);
     for (int k = 0; k < KW; ++k) {
       const int64_t iw = ow + k - KW / 2;
-      if (iw >= 0 && iw < W) sum[k] += g * load<V>(in_row + iw * C + c);
+      if (iw >= 0 && iw < W) sum[k] += g * load_act<V, T>(in_row + iw * C + c);
     }
   };
   for (int64_t ow = 0; ow < min64(interior_begin, W); ++ow) border(ow);
   int64_t ow = interior_begin;
   for (; ow + OWB <= interior_end; ow += OWB) {
     V g[OWB];
-    for (int o = 0; o < OWB; ++o) g[o] = load<V>(grad_y_row + (ow + o) * C + c);
-    const T* in = in_row + (ow - KW / 2) * C + c;
+    for (int o = 0; o < OWB; ++o) g[o] = load_act<V, T>(grad_y_row + (ow + o) * C + c);
+    const S* in = in_row + (ow - KW / 2) * C + c;
     UK_UNROLL for (int t = 0; t < OWB + KW - 1; ++t) {
-      const V v = load<V>(in + t * C);
+      const V v = load_act<V, T>(in + t * C);
       UK_UNROLL for (int o = 0; o < OWB; ++o) {
         const int k = t - o;
         if (k >= 0 && k < KW) sum[k] += g[o] * v;
@@ -365,28 +365,28 @@ inline void weight_grad_tap_row(const T* grad_y_row, const T* in_row, T* grad_w_
   for (int k = 0; k < KW; ++k) store<V>(grad_w_row + k * C + c, load<V>(grad_w_row + k * C + c) + sum[k]);
 }
 
-template <typename V, typename T>
-inline void bias_grad_row(const T* grad_y_row, T* grad_bias, int64_t c, int64_t C, int64_t W) {
+template <typename V, typename T, typename S>
+inline void bias_grad_row(const S* grad_y_row, T* grad_bias, int64_t c, int64_t C, int64_t W) {
   V sum = splat<V, T>(0);
-  for (int64_t ow = 0; ow < W; ++ow) sum += load<V>(grad_y_row + ow * C + c);
+  for (int64_t ow = 0; ow < W; ++ow) sum += load_act<V, T>(grad_y_row + ow * C + c);
   store<V>(grad_bias + c, load<V>(grad_bias + c) + sum);
 }
 
-template <typename T, int KW>
-void weight_grad_rows(const T* grad_y, const T* x, T* grad_weight, T* grad_bias,
+template <typename T, int KW, typename S>
+void weight_grad_rows(const S* grad_y, const S* x, T* grad_weight, T* grad_bias,
                       const ConvShape& s, int64_t begin, int64_t end) {
   const int64_t C = s.channels, W = s.width;
   for (int64_t row = begin; row < end; ++row) {
-    const TapRows<T, T> taps(x, grad_weight, s, row);
-    const T* grad_y_row = grad_y + row * W * C;
+    const TapRows<S, T> taps(x, grad_weight, s, row);
+    const S* grad_y_row = grad_y + row * W * C;
     for (int r = 0; r < taps.count; ++r) {
       T* grad_w_row = grad_weight + taps.tap_index[r] * KW * C;
       over_channels<T>(C, [&](auto lane_type, int64_t c) {
-        weight_grad_tap_row<decltype(lane_type), T, KW>(grad_y_row, taps.input[r], grad_w_row, c, C, W);
+        weight_grad_tap_row<decltype(lane_type), T, KW, S>(grad_y_row, taps.input[r], grad_w_row, c, C, W);
       });
     }
     over_channels<T>(C, [&](auto lane_type, int64_t c) {
-      bias_grad_row<decltype(lane_type), T>(grad_y_row, grad_bias, c, C, W);
+      bias_grad_row<decltype(lane_type), T, S>(grad_y_row, grad_bias, c, C, W);
     });
   }
 }
@@ -474,14 +474,14 @@ void forward_dispatch(const S* x, const T* weight, const T* bias, bool residual,
   }
 }
 
-template <typename T>
-void weight_grad_dispatch(const T* grad_y, const T* x, T* grad_weight, T* grad_bias,
+template <typename T, typename S = T>
+void weight_grad_dispatch(const S* grad_y, const S* x, T* grad_weight, T* grad_bias,
                           const ConvShape& s, int64_t begin, int64_t end) {
   switch (s.kernel_w) {
-    case 1: return weight_grad_rows<T, 1>(grad_y, x, grad_weight, grad_bias, s, begin, end);
-    case 3: return weight_grad_rows<T, 3>(grad_y, x, grad_weight, grad_bias, s, begin, end);
-    case 5: return weight_grad_rows<T, 5>(grad_y, x, grad_weight, grad_bias, s, begin, end);
-    default: return weight_grad_rows<T, 7>(grad_y, x, grad_weight, grad_bias, s, begin, end);
+    case 1: return weight_grad_rows<T, 1, S>(grad_y, x, grad_weight, grad_bias, s, begin, end);
+    case 3: return weight_grad_rows<T, 3, S>(grad_y, x, grad_weight, grad_bias, s, begin, end);
+    case 5: return weight_grad_rows<T, 5, S>(grad_y, x, grad_weight, grad_bias, s, begin, end);
+    default: return weight_grad_rows<T, 7, S>(grad_y, x, grad_weight, grad_bias, s, begin, end);
   }
 }
 
@@ -506,5 +506,6 @@ template DepthwiseKernels<float> kernels<float>();
 template DepthwiseKernels<double> kernels<double>();
 
 DepthwiseKernelsBf16 kernels_bf16() {
-  return {&forward_dispatch<float, uint16_t>, &pos_embed_norm_dispatch<float, uint16_t>};
+  return {&forward_dispatch<float, uint16_t>, &weight_grad_dispatch<float, uint16_t>,
+          &pos_embed_norm_dispatch<float, uint16_t>};
 }

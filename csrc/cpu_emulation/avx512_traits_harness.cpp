@@ -88,6 +88,13 @@ void uk_wide_forward_bf16(const void* x, const void* w, const void* b, int resid
       static_cast<uint16_t*>(y), s, 0, s.rows(), static_cast<uint16_t*>(row_buffer));
 }
 
+void uk_wide_weight_grad_bf16(const void* grad_y, const void* x, void* grad_w, void* grad_b, const int64_t* sizes) {
+  const ConvShape s = shape_of(sizes);
+  uniformer_kernels::avx512_traits::kernels_bf16().weight_grad(
+      static_cast<const uint16_t*>(grad_y), static_cast<const uint16_t*>(x), static_cast<float*>(grad_w),
+      static_cast<float*>(grad_b), s, 0, s.rows());
+}
+
 void uk_wide_pos_embed_norm_bf16(const void* x, const void* w, const void* b, const void* norm_w, const void* norm_b,
                                  int layer_norm, double eps, void* y, void* z, void* mean, void* rstd,
                                  const int64_t* sizes) {

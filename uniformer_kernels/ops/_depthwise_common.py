@@ -12,8 +12,8 @@ cuda's are the compiled ops torch.ops.uniformer_kernels_C.* (csrc/cpu/depthwise.
 schemas, csrc/cuda the CUDA implementations), triton's are in uniformer_kernels/triton/depthwise.py.
 The cpu backend skips this layer: its ops (depthwise_conv_cpu, depthwise_conv_backward_cpu,
 pos_embed_norm_cpu) take the ops' own layouts and relayout in C++, which saves ~100 µs of PyTorch
-calls a call at batch-1 shapes; they compute in float32/float64. The forwards load and store
-bfloat16 themselves; float16 inputs, and bfloat16 ones to the backward, are widened around them.
+calls a call at batch-1 shapes; they compute in float32/float64, loading and storing bfloat16
+themselves; float16 inputs are widened around them.
 The input gradient needs no kernel of its own: with stride 1 and padding k//2 it is the forward
 conv of grad_y with the kernel flipped in every dim.
 """
@@ -27,9 +27,9 @@ from .. import backends
 
 SUPPORTED_BACKENDS = ("triton", "cuda", "cpu", "eager")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-CPU_KERNEL_DTYPES = (torch.float32, torch.float64)  # what the CPU ops take; ops/ widens 16-bit around them
-# The CPU forwards also load and store bfloat16 natively (float accumulation): no widening copies.
-CPU_FORWARD_DTYPES = CPU_KERNEL_DTYPES + (torch.bfloat16,)
+# What the CPU ops take (bfloat16 loaded and stored natively, float accumulation); ops/ widens
+# float16 around them.
+CPU_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 MAX_KERNEL_SIZE = 7
 
 

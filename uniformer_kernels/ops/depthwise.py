@@ -53,7 +53,7 @@ def _depthwise_conv_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if backend == "eager":
         return eager_depthwise_conv(x, weight, bias, residual)
     if backend == "cpu":  # one C++ call, relayouts included
-        if x.dtype in common.CPU_FORWARD_DTYPES:
+        if x.dtype in common.CPU_KERNEL_DTYPES:
             return torch.ops.uniformer_kernels_C.depthwise_conv_cpu(x, weight, bias, residual)
         y = torch.ops.uniformer_kernels_C.depthwise_conv_cpu(
             x.float(), weight.float(), None if bias is None else bias.float(), residual)

@@ -86,7 +86,7 @@ def _pos_embed_norm_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         return y, z, mean, torch.rsqrt(var + eps)
     if backend == "cpu":  # one C++ call, relayouts included
         tensors = (x, weight, bias, norm_weight, norm_bias)
-        if x.dtype in common.CPU_FORWARD_DTYPES:
+        if x.dtype in common.CPU_KERNEL_DTYPES:
             return torch.ops.uniformer_kernels_C.pos_embed_norm_cpu(*tensors, norm, eps)
         y, z, mean, rstd = torch.ops.uniformer_kernels_C.pos_embed_norm_cpu(
             *(t.float() for t in tensors), norm, eps)
