@@ -69,6 +69,23 @@ def test_cpu_op_parity_under_each_supported_build(isa):
     assert " passed" in summary, summary
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_cpu_bf16_under_each_supported_build(isa):
+    """test_depthwise.py's native bfloat16 cases (float64 and eager-bfloat16 references,
+    poisoned outputs, every lane kind, rounding) in a process forced to ``isa``: quick enough to
+    run unmarked, so the baseline build's bfloat16 loads and stores are checked on every run."""
+    supported = facts()["cpu_isas_supported"]
+    if isa not in supported:
+        pytest.skip(f"this CPU lacks {isa} (supports {', '.join(supported)})")
+    if isa == facts()["cpu_kernel_isa"]:
+        pytest.skip(f"{isa} is this process's own build: the in-process cpu_bf16 tests already run it")
+    done = run_python(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "cpu_bf16",
+                       "tests/test_depthwise.py"], isa)
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    assert done.returncode == 0, f"under {ENV}={isa}:\n{done.stdout[-4000:]}\n{done.stderr[-2000:]}"
+    assert " passed" in summary and "skipped" not in summary, summary
+
+
 def test_forcing_an_unsupported_or_unknown_build_raises_a_clear_error():
     """The choice is refused before any kernel runs: the CPU ops raise ValueError naming the
     variable and what this CPU supports, and the environment report shows the error."""
@@ -134,6 +151,9 @@ def wide(tmp_path_factory):
     lib.uk_wide_forward.argtypes = [I, P, P, P, I, P, sizes, P]
     lib.uk_wide_weight_grad.argtypes = [I, P, P, P, P, sizes]
     lib.uk_wide_pos_embed_norm.argtypes = [I, P, P, P, P, P, I, ctypes.c_double, P, P, P, P, sizes]
+    lib.uk_wide_forward_bf16.argtypes = [P, P, P, I, P, sizes, P]
+    lib.uk_wide_weight_grad_bf16.argtypes = [P, P, P, P, sizes]
+    lib.uk_wide_pos_embed_norm_bf16.argtypes = [P, P, P, P, P, I, ctypes.c_double, P, P, P, P, sizes]
     return lib
 
 
@@ -219,3 +239,55 @@ def test_avx512_traits_pos_embed_norm_matches_float64(wide, dtype, norm, channel
         assert_rel_close(mean, mean_ref, tolerance(dtype, "norm"), "mean")
         assert_rel_close(rstd, (y_ref.var(-1, unbiased=False) + eps).rsqrt(), tolerance(dtype, "norm"), "rstd")
     assert_rel_close(z, z_ref, tolerance(dtype, "norm"), "z")
+
+
+@pytest.mark.parametrize("channels", WIDE_CHANNELS)
+def test_avx512_traits_bf16_kernels_match_the_float_kernels(wide, channels):
+    """The bfloat16 kernels with 16-lane traits (loads widened and stores rounded on 16, 8 and
+    4 lanes and on scalars, streamed rows): the conv bit for bit the float kernel on the widened
+    input rounded once, and within the bfloat16 contract of float64; the weight gradient bit for
+    bit the float kernel's on widened tensors; pos_embed_norm's z against float64 norms of the
+    stored y."""
+    for i, (spatial, kernel) in enumerate(WIDE_CASES):
+        x5, weight, bias = wide_inputs((*spatial, channels), kernel, torch.float32, seed=channels * 10 + i)
+        x16 = x5.to(torch.bfloat16)
+        x_widened = x16.float()  # held: a temporary's memory would be freed before the call
+        sizes = shape_arg(x5, kernel)
+        for residual in (False, True):
+            for buffered in (False, True):
+                y = torch.full_like(x16, float("nan"))
+                row_buffer = torch.full((spatial[3] * channels,), float("nan"), dtype=torch.bfloat16) \
+                    if buffered else None
+                wide.uk_wide_forward_bf16(ptr(x16), ptr(weight), ptr(bias), int(residual), ptr(y), sizes,
+                                          ptr(row_buffer))
+                y32 = torch.full_like(x5, float("nan"))
+                wide.uk_wide_forward(0, ptr(x_widened), ptr(weight), ptr(bias), int(residual), ptr(y32), sizes,
+                                     None)
+                assert torch.equal(y, y32.to(torch.bfloat16)), f"{spatial} {kernel} residual={residual}"
+                want = reference_conv5(x16, weight, bias) + (x16.double() if residual else 0)
+                assert_rel_close(y, want, tolerance(torch.bfloat16, "conv"), f"y {spatial} {kernel}")
+        grad_y16 = torch.randn(x5.shape, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16)
+        grad_y_widened = grad_y16.float()  # held, as x_widened
+        grad_w, grad_b = torch.zeros_like(weight), torch.zeros_like(bias)
+        wide.uk_wide_weight_grad_bf16(ptr(grad_y16), ptr(x16), ptr(grad_w), ptr(grad_b), sizes)
+        want_w, want_b = torch.zeros_like(weight), torch.zeros_like(bias)
+        wide.uk_wide_weight_grad(0, ptr(grad_y_widened), ptr(x_widened), ptr(want_w), ptr(want_b), sizes)
+        assert torch.equal(grad_w, want_w) and torch.equal(grad_b, want_b), f"weight grad {spatial} {kernel}"
+    x5, weight, bias = wide_inputs((2, 1, 5, 17, channels), (1, 3, 3), torch.float32, seed=channels)
+    x16 = x5.to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(channels + 1)
+    norm_w, norm_b = torch.randn(channels, generator=gen), torch.randn(channels, generator=gen)
+    for layer_norm in (0, 1):
+        y, z = torch.full_like(x16, float("nan")), torch.full_like(x16, float("nan"))
+        mean, rstd = (torch.full(x5.shape[:-1], float("nan")) for _ in range(2))
+        wide.uk_wide_pos_embed_norm_bf16(ptr(x16), ptr(weight), ptr(bias), ptr(norm_w), ptr(norm_b), layer_norm,
+                                         1e-6, ptr(y), ptr(z), ptr(mean), ptr(rstd), shape_arg(x5, (1, 3, 3)))
+        y_ref = reference_conv5(x16, weight, bias) + x16.double()
+        assert_rel_close(y, y_ref, tolerance(torch.bfloat16, "norm"), "y")
+        y_stored = y.double()
+        if layer_norm:
+            z_ref = F.layer_norm(y_stored, (channels,), norm_w.double(), norm_b.double(), 1e-6)
+            assert_rel_close(mean, y_stored.mean(-1), tolerance(torch.float32, "norm"), "mean")
+        else:
+            z_ref = y_stored * norm_w.double() + norm_b.double()
+        assert_rel_close(z, z_ref, tolerance(torch.bfloat16, "norm"), "z")

@@ -552,3 +552,186 @@ def test_pos_embed_norm_rejects_bad_input(case):
     _, kwargs, error, message = case
     with pytest.raises(error, match=message):
         uk.ops.pos_embed_norm(**kwargs)
+
+
+# ---- the cpu backend's native bfloat16 ----------------------------------------------------------
+# The C++ ops load and store bfloat16 themselves (float weights and accumulation): checked
+# against float64, against 2x the error of the eager bfloat16 composition, and, for the conv and
+# its backward, bit for bit against the float32 kernels on the widened input rounded once (what
+# ops/ ran before).
+# Names contain "cpu_bf16": tests/test_cpu_isa.py re-runs them under every ISA build of this CPU.
+# Outputs are allocated inside the op, so they are poisoned through PyTorch's deterministic mode,
+# which fills every fresh floating tensor with NaN (an unwritten element then fails).
+
+cpu_only = pytest.mark.skipif(not _extension.loaded(), reason="uniformer_kernels._C not built")
+
+# (shape, kernel): channels below, at and between the vector tails (1, 3, 13, 37), UniFormer's 64
+# and an odd 61; odd spatial sizes, rows narrower than the kernel, 3-D.
+BF16_CASES = [
+    ((2, 37, 9, 13), (3, 3)), ((1, 64, 7, 9), (5, 5)), ((2, 13, 15, 17), (7, 7)),
+    ((1, 3, 2, 3), (7, 7)), ((2, 1, 5, 7), (3, 3)), ((1, 61, 3, 7, 9), (3, 3, 3)),
+    ((1, 24, 5, 6, 7), (5, 5, 5)), ((2, 19, 4, 7, 9), (1, 5, 5)),
+]
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Every tensor created uninitialised (torch.empty, at::empty in C++) starts as NaN."""
+    fill, deterministic = torch.utils.deterministic.fill_uninitialized_memory, \
+        torch.are_deterministic_algorithms_enabled()
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.empty(3).isnan().all()
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def rel_error_of(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+@cpu_only
+@pytest.mark.parametrize("fmt", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("shape,kernel", BF16_CASES, ids=str)
+def test_cpu_bf16_depthwise_conv_forward(shape, kernel, fmt):
+    memory_format = channels_last(len(shape)) if fmt == "channels_last" else None
+    x, weight, bias = make_inputs(shape[0], shape[1], shape[2:], kernel, dtype=torch.bfloat16,
+                                  memory_format=memory_format, seed=shape[1])
+    for residual, b in ((False, bias), (True, bias), (True, None)):
+        with uk.backend("cpu"), poisoned_outputs():
+            y = uk.ops.depthwise_conv(x, weight, b, residual=residual)
+        assert y.dtype == torch.bfloat16
+        assert y.is_contiguous(memory_format=uk.ops._depthwise_common.memory_format_of(x))
+        y_ref = reference_conv(x.double(), weight.double(), None if b is None else b.double(), residual)
+        assert_rel_close(y, y_ref, tolerance(torch.bfloat16, "conv"), f"y residual={residual}")
+        eager = reference_conv(x, weight, b, residual)
+        assert rel_error_of(y, y_ref) <= 2 * rel_error_of(eager, y_ref)
+        widened = torch.ops.uniformer_kernels_C.depthwise_conv_cpu(
+            x.float(), weight.float(), None if b is None else b.float(), residual)
+        assert torch.equal(y, widened.to(torch.bfloat16)), "differs from the float32 kernel rounded once"
+
+
+@cpu_only
+@pytest.mark.parametrize("norm", ["layernorm", "affine"])
+@pytest.mark.parametrize("fmt", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("shape", [(2, 37, 9, 13), (1, 64, 7, 5), (2, 3, 5, 2), (1, 61, 3, 5, 7)], ids=str)
+def test_cpu_bf16_pos_embed_norm_forward(shape, fmt, norm):
+    memory_format = channels_last(len(shape)) if fmt == "channels_last" else None
+    kernel = (3,) * (len(shape) - 2)
+    x, weight, bias = make_inputs(shape[0], shape[1], shape[2:], kernel, dtype=torch.bfloat16,
+                                  memory_format=memory_format, seed=shape[1])
+    gen = torch.Generator().manual_seed(2)
+    norm_weight = (1 + 0.5 * torch.randn(shape[1], generator=gen)).to(torch.bfloat16)
+    norm_bias = torch.randn(shape[1], generator=gen).to(torch.bfloat16)
+    norm_id = 0 if norm == "layernorm" else 1
+    with poisoned_outputs():
+        y, z, mean, rstd = torch.ops.uniformer_kernels_C.pos_embed_norm_cpu(
+            x, weight, bias, norm_weight, norm_bias, norm_id, 1e-6)
+    with uk.backend("cpu"):
+        y_op, z_op = uk.ops.pos_embed_norm(x, weight, bias, norm_weight, norm_bias, norm=norm, eps=1e-6)
+    assert torch.equal(y_op, y) and torch.equal(z_op, z)
+    fmt_out = uk.ops._depthwise_common.memory_format_of(x)
+    assert y.dtype == z.dtype == torch.bfloat16
+    assert y.is_contiguous(memory_format=fmt_out) and z.is_contiguous(memory_format=fmt_out)
+    y_ref = reference_conv(x.double(), weight.double(), bias.double(), residual=True)
+    z_ref = reference_norm(y_ref, norm_weight.double(), norm_bias.double(), norm)
+    tol = tolerance(torch.bfloat16, "norm")
+    assert_rel_close(y, y_ref, tol, "y")
+    assert_rel_close(z, z_ref, tol, "z")
+    y_eager = reference_conv(x, weight, bias, residual=True)
+    z_eager = reference_norm(y_eager, norm_weight, norm_bias, norm)
+    assert rel_error_of(y, y_ref) <= 2 * rel_error_of(y_eager, y_ref)
+    assert rel_error_of(z, z_ref) <= 2 * rel_error_of(z_eager, z_ref)
+    if norm == "layernorm":
+        assert mean.dtype == rstd.dtype == torch.float32
+        # Statistics of the stored (rounded) y, as LayerNorm on the unfused y would take them.
+        y_pixels = y.double().movedim(1, -1).reshape(-1, shape[1])
+        var, mean_ref = torch.var_mean(y_pixels, dim=1, correction=0)
+        assert_rel_close(mean, mean_ref, tolerance(torch.float32, "norm"), "mean")
+        assert_rel_close(rstd, (var + 1e-6).rsqrt(), tolerance(torch.float32, "norm"), "rstd")
+    else:
+        assert mean.numel() == rstd.numel() == 0
+
+
+@cpu_only
+def test_cpu_bf16_store_rounds_to_nearest_even_as_pytorch_does():
+    """The bfloat16 store on float values at a tie (to even, both ways), just off a tie, rounding up
+    into the next binade and to infinity, negative, tiny and inf: bit for bit PyTorch's float ->
+    bfloat16 conversion; NaN stays NaN (PyTorch's own NaN bits differ between its scalar and
+    vector conversions). Each value passes through every lane kind (full vector, narrower tail,
+    scalar) of both forwards: a zero input and kernel leave y = bias and the affine z = shift."""
+    bits = [0x3F808000, 0x3F818000, 0x3F808001, 0x3F817FFF, 0x3FFFFFFF, 0x7F7FFFFF, 0xBF808000,
+            0x00000001, 0xC0490FDB, 0x7F800000, 0xFF800000, 0x7FC00000, 0x3F800000]
+    values = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    channels = values.numel()  # 13: one vector of 8 (AVX2), a tail of 4, one scalar
+    x = torch.zeros(1, channels, 1, 3, dtype=torch.bfloat16)
+    weight = torch.zeros(channels, 1, 1, 1, dtype=torch.bfloat16)
+    ones = torch.ones(channels)
+    for shift in range(channels):
+        rolled = values.roll(shift)
+        want = rolled.to(torch.bfloat16).view(1, -1, 1, 1).expand(1, channels, 1, 3)
+        nan = want.isnan()
+        with poisoned_outputs():
+            # The C++ ops take float biases and norm parameters as they are (ops/ passes x's dtype).
+            y = torch.ops.uniformer_kernels_C.depthwise_conv_cpu(x, weight, rolled, False)
+            _, z, _, _ = torch.ops.uniformer_kernels_C.pos_embed_norm_cpu(
+                x, weight, torch.zeros(channels), ones, rolled, 1, 0.0)
+        for name, out in (("y", y), ("z", z)):
+            assert torch.equal(out.isnan(), nan), (name, shift, out)
+            assert torch.equal(out[~nan].view(torch.int16), want[~nan].view(torch.int16)), (name, shift, out)
+
+
+@cpu_only
+def test_cpu_bf16_opcheck():
+    """The custom ops' fakes and autograd on the native bfloat16 forwards (mean/rstd float32)."""
+    x, weight, bias = make_inputs(2, 13, (5, 7), (3, 3), dtype=torch.bfloat16,
+                                  memory_format=torch.channels_last)
+    x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()
+    norm_weight = torch.randn(13, dtype=torch.bfloat16, requires_grad=True)
+    norm_bias = torch.randn(13, dtype=torch.bfloat16, requires_grad=True)
+    depthwise = importlib.import_module("uniformer_kernels.ops.depthwise")
+    pos_embed_norm = importlib.import_module("uniformer_kernels.ops.pos_embed_norm")
+    with uk.backend("cpu"):
+        torch.library.opcheck(depthwise._depthwise_conv, (x, weight, bias, True))
+        torch.library.opcheck(depthwise._depthwise_conv, (x.detach(), weight, None, False))
+        for norm in (0, 1):
+            torch.library.opcheck(pos_embed_norm._pos_embed_norm,
+                                  (x, weight, bias, norm_weight, norm_bias, norm, 1e-6))
+
+
+@cpu_only
+@pytest.mark.parametrize("shape,kernel", BF16_CASES, ids=str)
+def test_cpu_bf16_depthwise_conv_backward(shape, kernel):
+    """The C++ backward on bfloat16 grad_y and x: grad_x the bfloat16 forward of the flipped kernel,
+    weight and bias gradients summed in float and rounded once; each bit for bit the float32 kernels
+    on the widened tensors, and within the contract of float64."""
+    x, weight, _ = make_inputs(shape[0], shape[1], shape[2:], kernel, dtype=torch.bfloat16,
+                               memory_format=channels_last(len(shape)), seed=shape[1] + 1)
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    backward = torch.ops.uniformer_kernels_C.depthwise_conv_backward_cpu
+    for residual in (False, True):
+        with poisoned_outputs():
+            grads = backward(grad_y, x, weight, residual, [True, True, True])
+        widened = backward(grad_y.float(), x.float(), weight.float(), residual, [True, True, True])
+        x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
+        b64 = torch.zeros(shape[1], dtype=torch.float64, requires_grad=True)
+        want = grads_of(reference_conv(x64, w64, b64, residual), (x64, w64, b64), grad_y.double())
+        for name, got, wide, ref in zip(("grad_x", "grad_weight", "grad_bias"), grads, widened, want):
+            assert got.dtype == torch.bfloat16, name
+            assert torch.equal(got, wide.to(torch.bfloat16)), f"{name} residual={residual}"
+            assert_rel_close(got, ref, tolerance(torch.bfloat16, "conv"), f"{name} residual={residual}")
+
+
+@cpu_only
+def test_cpu_kernels_refuse_float16():
+    """The C++ ops take float32, float64 and bfloat16 (ops/ widens float16): float16 is refused,
+    not misread."""
+    x = torch.randn(1, 8, 5, 5, dtype=torch.float16)
+    weight = torch.randn(8, 1, 3, 3, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="float32, float64 or bfloat16"):
+        torch.ops.uniformer_kernels_C.depthwise_conv_backward_cpu(x, x, weight, False, [True, True, True])
+    with pytest.raises(RuntimeError, match="float32, float64 or bfloat16"):
+        torch.ops.uniformer_kernels_C.depthwise_conv_cpu(x, weight, None, False)

@@ -9,9 +9,13 @@
 //   ops' own layouts (x (N, C, [D,] H, W) in either memory format, weight (C, 1, [KD,] KH, KW)).
 //   The relayouts happen here, in C++: at UniFormer's batch-1 stage-3/4 shapes the same relayouts
 //   as PyTorch calls from Python took ~130 us against a ~40 us kernel.
+// depthwise_conv_cpu, depthwise_conv_backward_cpu and pos_embed_norm_cpu also take bfloat16
+// activations natively (weights and norm parameters converted to float here, mean and rstd float,
+// weight and bias gradients summed in float and returned in the weight's dtype).
 // The checks here are the last line of defence against an out-of-bounds access, not the
 // user-facing validation.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -40,6 +44,24 @@ const DepthwiseKernels<T>& cpu_kernels() {
   return chosen;
 }
 
+const DepthwiseKernelsBf16& cpu_kernels_bf16() {
+  static const DepthwiseKernelsBf16 chosen = [] {
+    switch (chosen_cpu_isa()) {
+      case CpuIsa::avx512: return avx512::kernels_bf16();
+      case CpuIsa::avx2: return avx2::kernels_bf16();
+      default: return baseline::kernels_bf16();
+    }
+  }();
+  return chosen;
+}
+
+// bfloat16 activations' bits, as the bfloat16 kernels take them.
+const uint16_t* bf16_bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr()); }
+uint16_t* bf16_bits_mut(const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.mutable_data_ptr()); }
+
+// The dtype of the kernels' weights, norm parameters and statistics for activations of dtype t.
+at::ScalarType accumulation_type(at::ScalarType t) { return t == at::kBFloat16 ? at::kFloat : t; }
+
 ConvShape conv_shape(const at::Tensor& x, at::IntArrayRef kernel_size) {
   TORCH_CHECK(x.dim() == 5 && x.is_contiguous(), "uniformer_kernels: expected a contiguous (N, D, H, W, C) input, got ",
               x.sizes());
@@ -54,14 +76,16 @@ void check_param(const at::Tensor& p, const at::Tensor& x, at::IntArrayRef sizes
   TORCH_CHECK(p.sizes() == sizes && p.is_contiguous() && p.device() == x.device(),
               "uniformer_kernels: ", name, " must be contiguous with shape ", sizes, " on ", x.device(), ", got ",
               p.sizes(), " on ", p.device());
-  TORCH_CHECK(p.scalar_type() == x.scalar_type(), "uniformer_kernels: ", name, " must be ", x.scalar_type(),
+  const at::ScalarType acc = accumulation_type(x.scalar_type());
+  TORCH_CHECK(p.scalar_type() == acc, "uniformer_kernels: ", name, " must be ", acc,
               " (the accumulation dtype), got ", p.scalar_type());
 }
 
 void check_cpu_dtype(const at::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "uniformer_kernels: the CPU kernels take float32 or float64 (ops/ converts 16-bit inputs), got ",
-              x.scalar_type());
+  const at::ScalarType t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16,
+              "uniformer_kernels: the CPU kernels take float32, float64 or bfloat16 (ops/ converts float16 inputs), "
+              "got ", t);
 }
 
 // Rows per task: enough work per task (~32K multiply-adds) to amortise scheduling.
@@ -83,6 +107,16 @@ void run_forward(const at::Tensor& x5, const at::Tensor& weight, const std::opti
                  bool residual, const at::Tensor& y5) {
   const ConvShape s = conv_shape(x5, weight.sizes().slice(0, 3));
   const bool stream = stream_output(x5);
+  if (x5.scalar_type() == at::kBFloat16) {
+    const auto& k = cpu_kernels_bf16();
+    const float* b = bias ? bias->data_ptr<float>() : nullptr;
+    at::parallel_for(0, s.rows(), grain_rows(s), [&](int64_t begin, int64_t end) {
+      std::vector<uint16_t> row_buffer(stream ? s.width * s.channels : 0);
+      k.forward(bf16_bits(x5), weight.data_ptr<float>(), b, residual, bf16_bits_mut(y5), s, begin, end,
+                stream ? row_buffer.data() : nullptr);
+    });
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES(x5.scalar_type(), "depthwise_conv_forward_cpu", [&] {
     const auto& k = cpu_kernels<scalar_t>();
     const scalar_t* b = bias ? bias->data_ptr<scalar_t>() : nullptr;
@@ -121,18 +155,20 @@ std::vector<int64_t> kernel_size_3d(const at::Tensor& weight) {
   return {weight.dim() == 5 ? weight.size(2) : 1, weight.size(-2), weight.size(-1)};
 }
 
-// (C, 1, [KD,] KH, KW) -> (KD, KH, KW, C), with a plain loop: at::'s strided copy of these few
-// thousand values costs more in thread start-up than the transpose itself. With flipped, the
-// kernel is also reversed in every dim (the input gradient's kernel): the flat tap index reversed.
+// (C, 1, [KD,] KH, KW) -> (KD, KH, KW, C) in the accumulation dtype (a bfloat16 weight widened to
+// float), with a plain loop: at::'s strided copy of these few thousand values costs more in thread
+// start-up than the transpose itself. With flipped, the kernel is also reversed in every dim (the
+// input gradient's kernel): the flat tap index reversed.
 at::Tensor weight_taps_last(const at::Tensor& weight, bool flipped = false) {
   const at::Tensor w = weight.contiguous();
   const int64_t channels = w.size(0), taps = w.numel() / channels;
   std::vector<int64_t> sizes = kernel_size_3d(w);
   sizes.push_back(channels);
-  at::Tensor taps_last = at::empty(sizes, w.options());
-  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "weight_taps_last", [&] {
+  at::Tensor taps_last = at::empty(sizes, w.options().dtype(accumulation_type(w.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, w.scalar_type(), "weight_taps_last", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* src = w.data_ptr<scalar_t>();
-    scalar_t* dst = taps_last.data_ptr<scalar_t>();
+    acc_t* dst = taps_last.data_ptr<acc_t>();
     for (int64_t c = 0; c < channels; ++c)
       for (int64_t t = 0; t < taps; ++t) dst[(flipped ? taps - 1 - t : t) * channels + c] = src[c * taps + t];
   });
@@ -176,7 +212,7 @@ at::Tensor depthwise_conv_cpu(const at::Tensor& x, const at::Tensor& weight, con
   const at::Tensor taps_last = weight_taps_last(weight);
   std::optional<at::Tensor> bias_c;
   if (bias) {
-    bias_c = bias->contiguous();
+    bias_c = bias->contiguous().to(accumulation_type(x.scalar_type()));
     check_param(*bias_c, x5, {x5.size(4)}, "bias");
   }
   OpLayoutOutput y(x);
@@ -197,20 +233,33 @@ std::tuple<at::Tensor, at::Tensor> run_weight_grad(const at::Tensor& grad_y, con
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
   const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
   const int64_t taps = s.kernel_d * s.kernel_h * s.kernel_w;
-  at::Tensor partial_w = at::zeros({chunks, taps * s.channels}, x.options());
-  at::Tensor partial_b = at::zeros({chunks, s.channels}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "run_weight_grad", [&] {
-    const auto& k = cpu_kernels<scalar_t>();
+  const auto acc_options = x.options().dtype(accumulation_type(x.scalar_type()));
+  at::Tensor partial_w = at::zeros({chunks, taps * s.channels}, acc_options);
+  at::Tensor partial_b = at::zeros({chunks, s.channels}, acc_options);
+  if (x.scalar_type() == at::kBFloat16) {
+    const auto& k = cpu_kernels_bf16();
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
         const int64_t begin = chunk * rows_per_chunk, end = std::min(rows, begin + rows_per_chunk);
         if (begin >= end) continue;
-        k.weight_grad(grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                      partial_w[chunk].data_ptr<scalar_t>(), partial_b[chunk].data_ptr<scalar_t>(), s, begin,
-                      end);
+        k.weight_grad(bf16_bits(grad_y), bf16_bits(x), partial_w[chunk].data_ptr<float>(),
+                      partial_b[chunk].data_ptr<float>(), s, begin, end);
       }
     });
-  });
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "run_weight_grad", [&] {
+      const auto& k = cpu_kernels<scalar_t>();
+      at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+        for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+          const int64_t begin = chunk * rows_per_chunk, end = std::min(rows, begin + rows_per_chunk);
+          if (begin >= end) continue;
+          k.weight_grad(grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                        partial_w[chunk].data_ptr<scalar_t>(), partial_b[chunk].data_ptr<scalar_t>(), s, begin,
+                        end);
+        }
+      });
+    });
+  }
   at::Tensor grad_w = partial_w[0].clone();
   at::Tensor grad_b = partial_b[0].clone();
   for (int64_t chunk = 1; chunk < chunks; ++chunk) {
@@ -242,8 +291,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv_backward_cpu(const
   if (need_weight || need_bias) {
     const at::Tensor x5 = channels_last_5d_view(x).contiguous();
     auto [grad_w_taps_last, grad_b] = run_weight_grad(grad_y5, x5, kernel_size_3d(weight));
-    if (need_weight) grad_weight = weight_from_taps_last(grad_w_taps_last, weight);
-    if (need_bias) grad_bias = grad_b;
+    if (need_weight) grad_weight = weight_from_taps_last(grad_w_taps_last, weight).to(weight.scalar_type());
+    if (need_bias) grad_bias = grad_b.to(weight.scalar_type());
   }
   return {grad_x, grad_weight, grad_bias};
 }
@@ -261,7 +310,17 @@ std::tuple<at::Tensor, at::Tensor> run_pos_embed_norm(const at::Tensor& x5, cons
   check_param(norm_bias, x5, {s.channels}, "norm_bias");
   const bool layer_norm = norm == 0;
   const int64_t pixels = layer_norm ? s.rows() * s.width : 0;
-  at::Tensor mean = at::empty({pixels}, x5.options()), rstd = at::empty({pixels}, x5.options());
+  const auto stat_options = x5.options().dtype(accumulation_type(x5.scalar_type()));
+  at::Tensor mean = at::empty({pixels}, stat_options), rstd = at::empty({pixels}, stat_options);
+  if (x5.scalar_type() == at::kBFloat16) {
+    const auto& k = cpu_kernels_bf16();
+    at::parallel_for(0, s.rows(), grain_rows(s), [&](int64_t begin, int64_t end) {
+      k.pos_embed_norm(bf16_bits(x5), weight.data_ptr<float>(), bias.data_ptr<float>(), norm_weight.data_ptr<float>(),
+                       norm_bias.data_ptr<float>(), layer_norm, static_cast<float>(eps), bf16_bits_mut(y5),
+                       bf16_bits_mut(z5), mean.data_ptr<float>(), rstd.data_ptr<float>(), s, begin, end);
+    });
+    return {mean, rstd};
+  }
   AT_DISPATCH_FLOATING_TYPES(x5.scalar_type(), "pos_embed_norm_forward_cpu", [&] {
     const auto& k = cpu_kernels<scalar_t>();
     at::parallel_for(0, s.rows(), grain_rows(s), [&](int64_t begin, int64_t end) {
@@ -279,9 +338,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pos_embed_norm_cpu(
     const at::Tensor& norm_bias, int64_t norm, double eps) {
   check_op_layout_args(x, weight);
   const at::Tensor x5 = channels_last_5d_view(x).contiguous();
+  const at::ScalarType acc = accumulation_type(x.scalar_type());
   OpLayoutOutput y(x), z(x);
-  auto [mean, rstd] = run_pos_embed_norm(x5, weight_taps_last(weight), bias.contiguous(), norm_weight.contiguous(),
-                                         norm_bias.contiguous(), norm, eps, y.kernel_target(), z.kernel_target());
+  auto [mean, rstd] = run_pos_embed_norm(x5, weight_taps_last(weight), bias.contiguous().to(acc),
+                                         norm_weight.contiguous().to(acc), norm_bias.contiguous().to(acc), norm, eps,
+                                         y.kernel_target(), z.kernel_target());
   return {y.finish(), z.finish(), mean, rstd};
 }
 

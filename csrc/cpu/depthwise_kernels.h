@@ -39,17 +39,33 @@ struct DepthwiseKernels {
                          const ConvShape& shape, int64_t begin, int64_t end);
 };
 
+// The kernels on bfloat16 activations (x, y, z, grad_y as uint16_t bits), with float weights,
+// bias, norm parameters, mean and rstd, weight and bias gradients, and float accumulation: as
+// DepthwiseKernels<float>'s on the widened input, each bfloat16 output rounded once (nearest even).
+struct DepthwiseKernelsBf16 {
+  void (*forward)(const uint16_t* x, const float* weight, const float* bias, bool residual, uint16_t* y,
+                  const ConvShape& shape, int64_t begin, int64_t end, uint16_t* row_buffer);
+  void (*weight_grad)(const uint16_t* grad_y, const uint16_t* x, float* grad_weight, float* grad_bias,
+                      const ConvShape& shape, int64_t begin, int64_t end);
+  void (*pos_embed_norm)(const uint16_t* x, const float* weight, const float* bias, const float* norm_weight,
+                         const float* norm_bias, bool layer_norm, float eps, uint16_t* y, uint16_t* z,
+                         float* mean, float* rstd, const ConvShape& shape, int64_t begin, int64_t end);
+};
+
 namespace baseline {
 template <typename T>
 DepthwiseKernels<T> kernels();
+DepthwiseKernelsBf16 kernels_bf16();
 }
 namespace avx2 {
 template <typename T>
 DepthwiseKernels<T> kernels();
+DepthwiseKernelsBf16 kernels_bf16();
 }
 namespace avx512 {
 template <typename T>
 DepthwiseKernels<T> kernels();
+DepthwiseKernelsBf16 kernels_bf16();
 }
 
 }  // namespace uniformer_kernels

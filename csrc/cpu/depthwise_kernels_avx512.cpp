@@ -24,6 +24,7 @@ DepthwiseKernels<T> kernels() {
 }
 template DepthwiseKernels<float> kernels<float>();
 template DepthwiseKernels<double> kernels<double>();
+DepthwiseKernelsBf16 kernels_bf16() { return baseline::kernels_bf16(); }
 }  // namespace avx512
 }  // namespace uniformer_kernels
 #endif

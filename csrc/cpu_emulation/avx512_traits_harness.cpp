@@ -79,4 +79,31 @@ void uk_wide_pos_embed_norm(int double_precision, const void* x, const void* w, 
   else pos_embed_norm<float>(x, w, b, norm_w, norm_b, layer_norm, eps, y, z, mean, rstd, sizes);
 }
 
+// bfloat16 activations (uint16_t bits), float weights, norm parameters and statistics.
+void uk_wide_forward_bf16(const void* x, const void* w, const void* b, int residual, void* y, const int64_t* sizes,
+                          void* row_buffer) {
+  const ConvShape s = shape_of(sizes);
+  uniformer_kernels::avx512_traits::kernels_bf16().forward(
+      static_cast<const uint16_t*>(x), static_cast<const float*>(w), static_cast<const float*>(b), residual != 0,
+      static_cast<uint16_t*>(y), s, 0, s.rows(), static_cast<uint16_t*>(row_buffer));
+}
+
+void uk_wide_weight_grad_bf16(const void* grad_y, const void* x, void* grad_w, void* grad_b, const int64_t* sizes) {
+  const ConvShape s = shape_of(sizes);
+  uniformer_kernels::avx512_traits::kernels_bf16().weight_grad(
+      static_cast<const uint16_t*>(grad_y), static_cast<const uint16_t*>(x), static_cast<float*>(grad_w),
+      static_cast<float*>(grad_b), s, 0, s.rows());
+}
+
+void uk_wide_pos_embed_norm_bf16(const void* x, const void* w, const void* b, const void* norm_w, const void* norm_b,
+                                 int layer_norm, double eps, void* y, void* z, void* mean, void* rstd,
+                                 const int64_t* sizes) {
+  const ConvShape s = shape_of(sizes);
+  uniformer_kernels::avx512_traits::kernels_bf16().pos_embed_norm(
+      static_cast<const uint16_t*>(x), static_cast<const float*>(w), static_cast<const float*>(b),
+      static_cast<const float*>(norm_w), static_cast<const float*>(norm_b), layer_norm != 0, static_cast<float>(eps),
+      static_cast<uint16_t*>(y), static_cast<uint16_t*>(z), static_cast<float*>(mean), static_cast<float*>(rstd), s,
+      0, s.rows());
+}
+
 }  // extern "C"

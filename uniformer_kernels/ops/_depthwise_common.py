@@ -12,8 +12,8 @@ cuda's are the compiled ops torch.ops.uniformer_kernels_C.* (csrc/cpu/depthwise.
 schemas, csrc/cuda the CUDA implementations), triton's are in uniformer_kernels/triton/depthwise.py.
 The cpu backend skips this layer: its ops (depthwise_conv_cpu, depthwise_conv_backward_cpu,
 pos_embed_norm_cpu) take the ops' own layouts and relayout in C++, which saves ~100 µs of PyTorch
-calls a call at batch-1 shapes; they compute in float32/float64, so 16-bit inputs are widened
-around them.
+calls a call at batch-1 shapes; they compute in float32/float64, loading and storing bfloat16
+themselves; float16 inputs are widened around them.
 The cpu backend's forward runs PyTorch's conv (oneDNN) instead where that was measured faster:
 float32 NCHW 2-D input of at least ONEDNN_MIN_NUMEL elements, float32 3-D input of at least
 ONEDNN_MIN_CHANNELS_3D channels unless a 3x3x3 conv with the residual (see forward_on_onednn).
@@ -33,7 +33,9 @@ from .. import backends
 
 SUPPORTED_BACKENDS = ("triton", "cuda", "cpu", "eager")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-CPU_KERNEL_DTYPES = (torch.float32, torch.float64)  # what the CPU ops take; ops/ widens 16-bit around them
+# What the CPU ops take (bfloat16 loaded and stored natively, float accumulation); ops/ widens
+# float16 around them.
+CPU_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 MAX_KERNEL_SIZE = 7
 # PyTorch's conv (oneDNN) beat the cpu kernel's float32 forward in two places (AMD EPYC, AVX2, 1
 # thread; the numbers are in docs/DESIGN.md, "Against oneDNN"). NCHW 2-D input from this many
