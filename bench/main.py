@@ -1,6 +1,6 @@
 """The main job (``make main``): environment, parity summary, headline benchmark, compact table.
 
-    python -m bench.main                    # default: about 10 minutes on 2 CPU cores
+    python -m bench.main                    # default: 8 min on 2 quiet CPU cores (cold cache)
     python -m bench.main --quick            # smoke run: small inputs, one model
     python -m bench.main --full             # everything: parity of every variant, uk.accelerate
                                             # on every case with ours+compile, every variant
@@ -11,12 +11,12 @@
 Other arguments go to the benchmarks' pytest (e.g. ``--budget 2``, ``--threads 1``).
 
 Default plan: parity of UniFormer-S, XXS, video S and the dense S hybrid backbone (float32 vs
-float64, reference and ``uk.accelerate``, at 64 px, 2x64 px video, dense 128 px); then one pytest session: ``uk.accelerate``
-vs eager and ``torch.compile`` on those four models, inference and a training step (CPU: batch 1,
-224 / 8x224 / 512; GPU: batch 64, 64, 8, 8), and a short op summary (two depthwise convs and two
-attention shapes, eager baselines vs ours). Each case prints one line as it finishes, with the
-count and the time left; at the end one compact table (ratios, % of roofline, peak memory), the
-plot, and where the files are.
+float64, reference and ``uk.accelerate``, at 64 px, 2x64 px video, dense 128 px); then one pytest
+session: ``uk.accelerate`` vs eager and ``torch.compile`` on those four models, inference and a
+training step (compile's training step on S only; CPU: batch 1, 224 / 8x224 / 512; GPU: batch 64,
+64, 8, 8), and a short op summary (two depthwise convs and two attention shapes, eager baselines vs
+ours). Each case prints one line as it finishes, with the count and the time left; at the end one
+compact table (ratios, % of roofline, peak memory), the plot, and where the files are.
 """
 from __future__ import annotations
 
