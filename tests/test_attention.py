@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 import platform
-import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -25,8 +23,9 @@ import uniformer_kernels as uk
 from uniformer_kernels import _extension, backends
 from uniformer_kernels.ops.attention import attention
 from uniformer_kernels.ops import _device_guard
-from uniformer_kernels.testing import (assert_rel_close, gpu_marks, randomize_state_, tolerance,
-                                       triton_marks, triton_test_device)
+from uniformer_kernels.testing import (assert_rel_close, gpu_marks, randomize_state_,
+                                       run_with_poisoned_malloc, tolerance, triton_marks,
+                                       triton_test_device)
 from uniformer_models.blocks import SABlock_Windows, SplitSABlock, window_partition, window_reverse
 from uniformer_models.layers import Attention
 from uniformer_models.uniformer_light import EvoSABlock
@@ -501,12 +500,7 @@ def test_poisoned_heap_never_leaks_into_results():
                 assert t.abs().max() < 1e3, backend
         print("checked", {backends_here!r})
     """)
-    env = dict(os.environ,
-               GLIBC_TUNABLES="glibc.malloc.perturb=128:glibc.malloc.mmap_threshold=33554432")
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "checked" in result.stdout
+    run_with_poisoned_malloc(script, timeout=600)
 
 
 # ---- torch.library: opcheck, gradcheck, compile -------------------------------------------------

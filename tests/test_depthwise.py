@@ -5,9 +5,6 @@ float64 eager reference, forward and every gradient. The GPU cases carry the ``g
 CUDA kernels' own file (test_depthwise_cuda.py) adds real shapes, poisoning and bad direct calls."""
 import contextlib
 import importlib
-import os
-import subprocess
-import sys
 import textwrap
 import types
 
@@ -18,8 +15,9 @@ import torch.nn.functional as F
 import uniformer_kernels as uk
 from uniformer_kernels import _extension, backends
 from uniformer_kernels.ops import _device_guard
-from uniformer_kernels.testing import (assert_rel_close, gpu_marks, tolerance, triton_marks,
-                                       triton_test_device, triton_test_dtypes)
+from uniformer_kernels.testing import (assert_rel_close, gpu_marks, run_with_poisoned_malloc,
+                                       tolerance, triton_marks, triton_test_device,
+                                       triton_test_dtypes)
 
 ENV = backends.ENV_VAR
 TRITON_DEVICE = triton_test_device()[0]  # "cuda" (compiled), "cpu" (interpreter) or None
@@ -488,12 +486,7 @@ def test_poisoned_memory_never_leaks_into_results():
                     assert_rel_close(got, want, 1e-5, backend + " pos_embed_norm grad")
         print("checked", {backends_here!r})
     """)
-    env = dict(os.environ,
-               GLIBC_TUNABLES="glibc.malloc.perturb=128:glibc.malloc.mmap_threshold=33554432")
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "checked" in result.stdout
+    run_with_poisoned_malloc(script, timeout=600)
 
 
 # ---- backend choice and bad input ---------------------------------------------------------------

@@ -2,9 +2,6 @@
 the rule (ops/_depthwise_common.py: forward_on_onednn) picks what the measurements say, each path
 runs where it is chosen and forced, both keep the op's contract against float64 (output, layout,
 dtype, residual, every gradient), and the choice survives tracing and poisoned memory."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -13,6 +10,7 @@ import torch
 import uniformer_kernels as uk
 from uniformer_kernels import _extension
 from uniformer_kernels.ops import _depthwise_common as common
+from uniformer_kernels.testing import run_with_poisoned_malloc
 
 from test_depthwise import channels_last, check_depthwise, make_inputs
 
@@ -172,9 +170,4 @@ def test_onednn_path_under_poisoned_memory():
                     assert_rel_close(y, ref, 1e-5, f"{shape} residual={residual}")
         print("checked")
     """)
-    env = dict(os.environ,
-               GLIBC_TUNABLES="glibc.malloc.perturb=128:glibc.malloc.mmap_threshold=33554432")
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "checked" in result.stdout
+    run_with_poisoned_malloc(script, timeout=300)

@@ -8,13 +8,18 @@ passes.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 import torch.nn as nn
 
 from . import backends
 
 __all__ = ["TOLERANCES", "ELEMENT_FACTOR", "tolerance", "rel_error", "max_rel_error", "assert_rel_close", "randomize_state_",
-           "triton_test_device", "triton_test_dtypes", "triton_marks", "gpu_marks"]
+           "triton_test_device", "triton_test_dtypes", "triton_marks", "gpu_marks",
+           "run_with_poisoned_malloc"]
 
 # max relative error vs a float64 reference, by output dtype and kind of computation
 TOLERANCES = {
@@ -165,3 +170,17 @@ def triton_marks() -> list:
     if device is None:
         return [pytest.mark.skip(reason=f"the triton backend cannot run here: {reason}")]
     return [pytest.mark.gpu] if device == "cuda" else []
+
+
+def run_with_poisoned_malloc(script: str, timeout: float = 600) -> str:
+    """Runs ``script`` in a fresh Python whose glibc malloc fills every new block with a non-zero
+    byte pattern (mmap off below 32 MiB, so torch's CPU buffers come from malloc too): an output
+    element a kernel never writes shows as garbage, not as a lucky zero. Asserts the script exits
+    0 and printed ``checked``; returns its stdout. Linux/glibc only."""
+    env = dict(os.environ,
+               GLIBC_TUNABLES="glibc.malloc.perturb=128:glibc.malloc.mmap_threshold=33554432")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "checked" in result.stdout, result.stdout
+    return result.stdout
