@@ -108,10 +108,10 @@ def attention_plans(qkv: torch.Tensor, num_heads: int, *, window=None, with_bias
     scale = 0.125
     plans = [at.forward_plan(qkv, qkv_bias, out, lse, cls_probs if cls else None,
                              num_heads=num_heads, scale=scale, window=window_t)]
-    delta_plan, backward_plan, *_ = at.backward_plans(
+    delta_plan, gradient_plans, *_ = at.backward_plans(
         torch.empty_like(out), torch.empty_like(cls_probs) if cls else None, qkv, qkv_bias, out,
         lse, torch.empty_like(qkv), num_heads=num_heads, scale=scale, window=window_t)
-    return plans + [delta_plan, backward_plan]
+    return plans + [delta_plan, *gradient_plans]
 
 
 def _attention_cases(records: list[dict], dtype) -> list:

@@ -24,7 +24,7 @@ constexpr int kForwardTileW = 4;
 // One thread: VEC channels of kForwardTileW consecutive outputs of one row. Threads are ordered
 // channels fastest, so a warp reads contiguous channel runs of the same pixels.
 template <typename Size, int VEC, typename T, typename IndexT>
-__global__ void __launch_bounds__(kForwardThreads)
+__global__ void __launch_bounds__(kForwardThreads, detail::kMinBlocksPerSM<Size>)
     depthwise_conv_forward_kernel(const T* __restrict__ x, const Accum<T>* __restrict__ weight,
                                   const Accum<T>* __restrict__ bias, bool residual,
                                   T* __restrict__ y, Geometry<IndexT> g, int64_t items) {

@@ -64,6 +64,13 @@ Geometry<IndexT> make_geometry(const ConvShape& s) {
           static_cast<IndexT>(s.channels), s.kernel_d, s.kernel_h, s.kernel_w};
 }
 
+// Minimum resident blocks per SM for a kernel's __launch_bounds__. 0 emits no .minnctapersm and
+// leaves ptxas its own register target, which for the run-time-size kernels (their loops over
+// run-time kernel sizes) spilled 16-152 bytes on sm_80 and sm_90 (CUDA 13.0, bench/gpu_static.py);
+// 1 lets ptxas keep every value in registers, at some occupancy, which a fallback can pay.
+template <typename Size>
+constexpr int kMinBlocksPerSM = Size::kRuntime ? 1 : 0;
+
 // ---- element access ------------------------------------------------------------------------------
 
 __device__ __forceinline__ float to_accum(float v) { return v; }
@@ -113,14 +120,47 @@ __device__ __forceinline__ void store_vec(T* p, const A (&in)[N]) {
 
 // ---- the conv tile -------------------------------------------------------------------------------
 
+// The run-time-size fallback (any odd size up to kMaxKernelSize): a loop over the taps of each
+// kernel row, the tap's weights loaded once and each output's input element from L1. A
+// kMaxKernelSize-wide window of weights in registers, as the compile-time tile keeps, spilled.
+// The taps are summed in the same order as there.
+template <int VEC, int TW, typename T, typename IndexT>
+__device__ __forceinline__ void accumulate_conv_tile_runtime(Accum<T> (&acc)[TW][VEC],
+                                                             const T* __restrict__ x,
+                                                             const Accum<T>* __restrict__ weight,
+                                                             const Geometry<IndexT>& g, IndexT n,
+                                                             int d, int h, int w0, IndexT c0) {
+  using A = Accum<T>;
+  for (int i = 0; i < g.kd; ++i) {
+    const int di = d + i - g.kd / 2;
+    if (di < 0 || di >= g.depth) continue;
+    for (int j = 0; j < g.kh; ++j) {
+      const int hj = h + j - g.kh / 2;
+      if (hj < 0 || hj >= g.height) continue;
+      const T* x_row = x + ((n * g.depth + di) * g.height + hj) * g.width * g.channels + c0;
+      const A* w_row = weight + static_cast<IndexT>((i * g.kh + j) * g.kw) * g.channels + c0;
+      for (int s = 0; s < g.kw; ++s) {
+        A wv[VEC];
+        load_vec<VEC>(w_row + static_cast<IndexT>(s) * g.channels, wv);
+#pragma unroll
+        for (int t = 0; t < TW; ++t) {
+          const int wi = w0 + t + s - g.kw / 2;
+          if (wi < 0 || wi >= g.width) continue;
+          A xv[VEC];
+          load_vec<VEC>(x_row + static_cast<IndexT>(wi) * g.channels, xv);
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) acc[t][v] += wv[v] * xv[v];
+        }
+      }
+    }
+  }
+}
+
 // Adds to acc[t][v] the taps of output (n, d, h, w0 + t), channel c0 + v, for TW consecutive
-// outputs along W and VEC consecutive channels. Each input element of a row segment is loaded once
-// and feeds every output of the tile that needs it (the W halo is reused from registers); the rows
+// outputs along W and VEC consecutive channels, for a kernel size known at compile time. Each input
+// element of a row segment is loaded once and feeds every output of the tile that needs it (the W
+// halo is reused from registers, the kernel row's weights held in KW register slots); the rows
 // above, below and across depth are shared between neighbouring threads through L1.
-//
-// The weights of one kernel row sit in a window of kw_cap register slots. For a run-time size the
-// window is kMaxKernelSize wide and the kernel row is centred in it (slots outside it hold no tap),
-// so every register index stays a compile-time constant and nothing spills to local memory.
 template <typename Size, int VEC, int TW, typename T, typename IndexT>
 __device__ __forceinline__ void accumulate_conv_tile(Accum<T> (&acc)[TW][VEC],
                                                      const T* __restrict__ x,
@@ -128,44 +168,35 @@ __device__ __forceinline__ void accumulate_conv_tile(Accum<T> (&acc)[TW][VEC],
                                                      const Geometry<IndexT>& g, IndexT n, int d,
                                                      int h, int w0, IndexT c0) {
   using A = Accum<T>;
-  constexpr int kw_cap = Size::kRuntime ? kMaxKernelSize : Size::kw;
-  const int kd = Size::kRuntime ? g.kd : Size::kd;
-  const int kh = Size::kRuntime ? g.kh : Size::kh;
-  const int kw = Size::kRuntime ? g.kw : Size::kw;
-  const int slot0 = kw_cap / 2 - kw / 2;  // first slot holding a tap
-  const int slot_end = kw_cap - slot0;    // one past the last
-  for (int i = 0; i < kd; ++i) {
-    const int di = d + i - kd / 2;
-    if (di < 0 || di >= g.depth) continue;
-    for (int j = 0; j < kh; ++j) {
-      const int hj = h + j - kh / 2;
-      if (hj < 0 || hj >= g.height) continue;
-      const T* x_row = x + ((n * g.depth + di) * g.height + hj) * g.width * g.channels + c0;
-      const A* w_row = weight + static_cast<IndexT>((i * kh + j) * kw) * g.channels + c0;
-      A w_slot[kw_cap][VEC];
+  if constexpr (Size::kRuntime) {
+    accumulate_conv_tile_runtime<VEC, TW, T, IndexT>(acc, x, weight, g, n, d, h, w0, c0);
+  } else {
+    constexpr int kd = Size::kd, kh = Size::kh, kw = Size::kw;
+    for (int i = 0; i < kd; ++i) {
+      const int di = d + i - kd / 2;
+      if (di < 0 || di >= g.depth) continue;
+      for (int j = 0; j < kh; ++j) {
+        const int hj = h + j - kh / 2;
+        if (hj < 0 || hj >= g.height) continue;
+        const T* x_row = x + ((n * g.depth + di) * g.height + hj) * g.width * g.channels + c0;
+        const A* w_row = weight + static_cast<IndexT>((i * kh + j) * kw) * g.channels + c0;
+        A w_slot[kw][VEC];
 #pragma unroll
-      for (int s = 0; s < kw_cap; ++s) {
-        if (s >= slot0 && s < slot_end) {
-          load_vec<VEC>(w_row + static_cast<IndexT>(s - slot0) * g.channels, w_slot[s]);
-        } else {
+        for (int s = 0; s < kw; ++s) load_vec<VEC>(w_row + static_cast<IndexT>(s) * g.channels, w_slot[s]);
+        // Input position p of the tile (column w0 - kw / 2 + p) meets output t at tap p - t.
 #pragma unroll
-          for (int v = 0; v < VEC; ++v) w_slot[s][v] = A(0);
-        }
-      }
-      // Input position p of the tile (column w0 - kw_cap / 2 + p) meets output t at slot p - t.
+        for (int p = 0; p < TW + kw - 1; ++p) {
+          const int wi = w0 - kw / 2 + p;
+          if (wi < 0 || wi >= g.width) continue;
+          A xv[VEC];
+          load_vec<VEC>(x_row + static_cast<IndexT>(wi) * g.channels, xv);
 #pragma unroll
-      for (int p = 0; p < TW + kw_cap - 1; ++p) {
-        const int wi = w0 - kw_cap / 2 + p;
-        if (p < slot0 || p >= TW - 1 + slot_end || wi < 0 || wi >= g.width) continue;
-        A xv[VEC];
-        load_vec<VEC>(x_row + static_cast<IndexT>(wi) * g.channels, xv);
+          for (int t = 0; t < TW; ++t) {
+            const int s = p - t;
+            if (s >= 0 && s < kw) {
 #pragma unroll
-        for (int t = 0; t < TW; ++t) {
-          const int s = p - t;
-          // Outside [slot0, slot_end) the weight is zero but x may be inf: skip, don't multiply.
-          if (s >= 0 && s < kw_cap && s >= slot0 && s < slot_end) {
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) acc[t][v] += w_slot[s][v] * xv[v];
+              for (int v = 0; v < VEC; ++v) acc[t][v] += w_slot[s][v] * xv[v];
+            }
           }
         }
       }

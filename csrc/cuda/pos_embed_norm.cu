@@ -3,6 +3,7 @@
 #include "pos_embed_norm.h"
 
 #include <algorithm>
+#include <type_traits>
 
 #include "depthwise_tile.cuh"
 
@@ -32,13 +33,21 @@ __device__ __forceinline__ void group_allreduce(A (&v)[kTileW], int group_lanes)
   }
 }
 
+// As detail::kMinBlocksPerSM; float32 asks for 8 blocks of 128 threads (64 registers), because
+// ptxas's own target spilled the 3x3x3 kernel on sm_90 (56 registers, 16 bytes). 8 blocks is the
+// occupancy ptxas chose for the 3x3 one.
+template <typename Size, typename T>
+constexpr int kPosEmbedMinBlocks = std::is_same_v<T, float> && !Size::kRuntime
+                                       ? 8
+                                       : detail::kMinBlocksPerSM<Size>;
+
 // A group of group_lanes lanes owns kTileW consecutive pixels of one row and all C channels of
 // them, lane l taking channel vectors l, l + group_lanes, ...; so the LayerNorm reduction is a
 // shuffle within the group. For LayerNorm the fp32 y values wait in shared memory (this lane's
 // slots only, laid out [slot][lane] so a warp's accesses hit 32 different banks) for the mean and
 // variance passes; the affine norm writes z straight away.
 template <typename Size, int VEC, typename T, typename IndexT>
-__global__ void __launch_bounds__(kMaxWarps* kWarp)
+__global__ void __launch_bounds__(kMaxWarps* kWarp, kPosEmbedMinBlocks<Size, T>)
     pos_embed_norm_kernel(const T* __restrict__ x, const Accum<T>* __restrict__ weight,
                           const Accum<T>* __restrict__ bias,
                           const Accum<T>* __restrict__ norm_weight,

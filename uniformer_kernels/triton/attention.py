@@ -51,7 +51,11 @@ _LN2 = tl.constexpr(math.log(2.0))
 # - float32 runs its dots as 3xTF32 (three products on split operands) and float64 as FMA loops: at
 #   64-row tiles both spilled kilobytes, so they take 32-row forward tiles on 8 warps and 16-row
 #   backward tiles; at head_dim 128 also a single pipeline stage (the second stage's prefetch
-#   buffers spilled 24-72 bytes; one stage: 233-250 registers, no spill).
+#   buffers spilled 24-72 bytes; one stage: 233-250 registers, no spill) and a backward split in
+#   two launches, dk/dv then dq (GRADS below): with the window padding's bias the fused float32
+#   kernel spilled 52-76 bytes on sm_90; each half alone takes 226-254 registers and spills
+#   nothing. The halves recompute the probabilities as the fused kernel's two phases do, so the
+#   split costs a launch and a second read of q, k, v and do.
 
 
 class _Tiles(NamedTuple):
@@ -60,13 +64,14 @@ class _Tiles(NamedTuple):
     backward_block: int
     backward_warps: int
     stages: int
+    backward_split: bool  # dk/dv and dq as two launches
 
 
 def _tiles(dtype: torch.dtype, block_d: int) -> _Tiles:
     warps = 4 if block_d <= 64 else 8
     if dtype in (torch.float32, torch.float64):
-        return _Tiles(32, 8, 16, warps, 2 if block_d <= 64 else 1)
-    return _Tiles(64, warps, 32, warps, 2)
+        return _Tiles(32, 8, 16, warps, 2 if block_d <= 64 else 1, block_d > 64)
+    return _Tiles(64, warps, 32, warps, 2, False)
 
 
 # ---- kernels ------------------------------------------------------------------------------------
@@ -210,10 +215,11 @@ def _backward_kernel(qkv, qkv_bias, grad_out, lse, delta, grad_cls, grad_qkv, gr
                      dqkv_s0, dqkv_s1, dqkv_s2, dqkv_s3, scale, qk_scale,
                      HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_CLS_GRAD: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, GRADS: tl.constexpr):
     # grid: (sequences * heads, blocks). Program i computes dk, dv of key block i (sweeping the
     # query blocks), then dq of query block i (sweeping the key blocks): no atomics, and the
-    # probabilities are recomputed from the saved log-sum-exp.
+    # probabilities are recomputed from the saved log-sum-exp. GRADS "qkv" runs both phases,
+    # "kv" and "q" one each (the split launch of _tiles).
     #   p = exp(s - lse), dv = p^T do, dp = do v^T (+ the class-row gradient on row 0),
     #   ds = p * (dp - delta), dk = scale * ds^T q, dq = scale * ds k.
     # The class row: cls_probs = p[0, :] adds grad_cls to dp[0, :]; the launcher has added
@@ -229,21 +235,60 @@ def _backward_kernel(qkv, qkv_bias, grad_out, lse, delta, grad_cls, grad_qkv, gr
     q_cols = head * HEAD_DIM + dims
     row_base = seq_head.to(tl.int64) * seq_len  # of lse, delta and grad_cls, all (S, H, L)
 
-    # ---- dk, dv of key block `block`
-    keys = block * BLOCK + tl.arange(0, BLOCK)
-    k_offs, k_in, k_real = _token_offsets(seq, keys, seq_len, n_inner, window_size, grid_h, grid_w,
-                                          windows_w, qkv_s0, qkv_s1, qkv_s2, WINDOW)
-    k = _load_tokens(qkv, k_offs, k_in, k_real, C + q_cols, dim_mask, qkv_s3, qkv_bias, HAS_BIAS)
-    v = _load_tokens(qkv, k_offs, k_in, k_real, 2 * C + q_cols, dim_mask, qkv_s3, qkv_bias,
-                     HAS_BIAS)
-    if HAS_CLS_GRAD:
-        cls_grad = tl.load(grad_cls + row_base + keys, mask=k_in, other=0.0)
-    dk = tl.zeros([BLOCK, BLOCK_D], acc_dtype)
-    dv = tl.zeros([BLOCK, BLOCK_D], acc_dtype)
-    for start in range(0, seq_len, BLOCK):
-        rows = start + tl.arange(0, BLOCK)
-        q_offs, q_in, q_real = _token_offsets(seq, rows, seq_len, n_inner, window_size, grid_h,
-                                              grid_w, windows_w, qkv_s0, qkv_s1, qkv_s2, WINDOW)
+    if GRADS != "q":
+        # ---- dk, dv of key block `block`
+        keys = block * BLOCK + tl.arange(0, BLOCK)
+        k_offs, k_in, k_real = _token_offsets(seq, keys, seq_len, n_inner, window_size, grid_h, grid_w,
+                                              windows_w, qkv_s0, qkv_s1, qkv_s2, WINDOW)
+        k = _load_tokens(qkv, k_offs, k_in, k_real, C + q_cols, dim_mask, qkv_s3, qkv_bias, HAS_BIAS)
+        v = _load_tokens(qkv, k_offs, k_in, k_real, 2 * C + q_cols, dim_mask, qkv_s3, qkv_bias,
+                         HAS_BIAS)
+        if HAS_CLS_GRAD:
+            cls_grad = tl.load(grad_cls + row_base + keys, mask=k_in, other=0.0)
+        dk = tl.zeros([BLOCK, BLOCK_D], acc_dtype)
+        dv = tl.zeros([BLOCK, BLOCK_D], acc_dtype)
+        for start in range(0, seq_len, BLOCK):
+            rows = start + tl.arange(0, BLOCK)
+            q_offs, q_in, q_real = _token_offsets(seq, rows, seq_len, n_inner, window_size, grid_h,
+                                                  grid_w, windows_w, qkv_s0, qkv_s1, qkv_s2, WINDOW)
+            do_offs, _, _ = _token_offsets(seq, rows, seq_len, n_inner, window_size, grid_h, grid_w,
+                                           windows_w, dout_s0, dout_s1, dout_s2, WINDOW)
+            q = _load_tokens(qkv, q_offs, q_in, q_real, q_cols, dim_mask, qkv_s3, qkv_bias, HAS_BIAS)
+            do = tl.load(grad_out + do_offs[:, None] + q_cols[None, :] * dout_s3,
+                         mask=q_real[:, None] & dim_mask[None, :], other=0.0)
+            lse2 = tl.load(lse + row_base + rows, mask=q_in, other=0.0) * _LOG2E
+            row_delta = tl.load(delta + row_base + rows, mask=q_in, other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=acc_dtype) * qk_scale
+            probs = tl.where(q_in[:, None] & k_in[None, :], tl.exp2(scores - lse2[:, None]), 0.0)
+            dv += tl.dot(tl.trans(probs).to(do.dtype), do, input_precision=PRECISION,
+                         out_dtype=acc_dtype)
+            dprobs = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=acc_dtype)
+            if HAS_CLS_GRAD:
+                dprobs += tl.where((rows == 0)[:, None], cls_grad[None, :], 0.0)
+            dscores = probs * (dprobs - row_delta[:, None])
+            dk += tl.dot(tl.trans(dscores).to(q.dtype), q, input_precision=PRECISION,
+                         out_dtype=acc_dtype)
+        dk *= scale
+        dk_offs, _, _ = _token_offsets(seq, keys, seq_len, n_inner, window_size, grid_h, grid_w,
+                                       windows_w, dqkv_s0, dqkv_s1, dqkv_s2, WINDOW)
+        store_mask = k_real[:, None] & dim_mask[None, :]
+        tl.store(grad_qkv + dk_offs[:, None] + (C + q_cols)[None, :] * dqkv_s3,
+                 dk.to(grad_qkv.dtype.element_ty), mask=store_mask)
+        tl.store(grad_qkv + dk_offs[:, None] + (2 * C + q_cols)[None, :] * dqkv_s3,
+                 dv.to(grad_qkv.dtype.element_ty), mask=store_mask)
+        if HAS_BIAS:
+            # padding keys are the bias: their dk, dv summed per (sequence, block), added up by the
+            # launcher in a fixed order (deterministic, unlike atomics)
+            padding = (k_in & (k_real == 0))[:, None]
+            part = grad_bias_parts + (seq.to(tl.int64) * tl.num_programs(1) + block) * 2 * C
+            tl.store(part + q_cols, tl.sum(tl.where(padding, dk, 0.0), 0), mask=dim_mask)
+            tl.store(part + C + q_cols, tl.sum(tl.where(padding, dv, 0.0), 0), mask=dim_mask)
+
+    if GRADS != "kv":
+        # ---- dq of query block `block` (padding queries have do = 0 and delta = 0, so dq = 0)
+        rows = block * BLOCK + tl.arange(0, BLOCK)
+        q_offs, q_in, q_real = _token_offsets(seq, rows, seq_len, n_inner, window_size, grid_h, grid_w,
+                                              windows_w, qkv_s0, qkv_s1, qkv_s2, WINDOW)
         do_offs, _, _ = _token_offsets(seq, rows, seq_len, n_inner, window_size, grid_h, grid_w,
                                        windows_w, dout_s0, dout_s1, dout_s2, WINDOW)
         q = _load_tokens(qkv, q_offs, q_in, q_real, q_cols, dim_mask, qkv_s3, qkv_bias, HAS_BIAS)
@@ -251,65 +296,28 @@ def _backward_kernel(qkv, qkv_bias, grad_out, lse, delta, grad_cls, grad_qkv, gr
                      mask=q_real[:, None] & dim_mask[None, :], other=0.0)
         lse2 = tl.load(lse + row_base + rows, mask=q_in, other=0.0) * _LOG2E
         row_delta = tl.load(delta + row_base + rows, mask=q_in, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=acc_dtype) * qk_scale
-        probs = tl.where(q_in[:, None] & k_in[None, :], tl.exp2(scores - lse2[:, None]), 0.0)
-        dv += tl.dot(tl.trans(probs).to(do.dtype), do, input_precision=PRECISION,
-                     out_dtype=acc_dtype)
-        dprobs = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=acc_dtype)
-        if HAS_CLS_GRAD:
-            dprobs += tl.where((rows == 0)[:, None], cls_grad[None, :], 0.0)
-        dscores = probs * (dprobs - row_delta[:, None])
-        dk += tl.dot(tl.trans(dscores).to(q.dtype), q, input_precision=PRECISION,
-                     out_dtype=acc_dtype)
-    dk *= scale
-    dk_offs, _, _ = _token_offsets(seq, keys, seq_len, n_inner, window_size, grid_h, grid_w,
-                                   windows_w, dqkv_s0, dqkv_s1, dqkv_s2, WINDOW)
-    store_mask = k_real[:, None] & dim_mask[None, :]
-    tl.store(grad_qkv + dk_offs[:, None] + (C + q_cols)[None, :] * dqkv_s3,
-             dk.to(grad_qkv.dtype.element_ty), mask=store_mask)
-    tl.store(grad_qkv + dk_offs[:, None] + (2 * C + q_cols)[None, :] * dqkv_s3,
-             dv.to(grad_qkv.dtype.element_ty), mask=store_mask)
-    if HAS_BIAS:
-        # padding keys are the bias: their dk, dv summed per (sequence, block), added up by the
-        # launcher in a fixed order (deterministic, unlike atomics)
-        padding = (k_in & (k_real == 0))[:, None]
-        part = grad_bias_parts + (seq.to(tl.int64) * tl.num_programs(1) + block) * 2 * C
-        tl.store(part + q_cols, tl.sum(tl.where(padding, dk, 0.0), 0), mask=dim_mask)
-        tl.store(part + C + q_cols, tl.sum(tl.where(padding, dv, 0.0), 0), mask=dim_mask)
-
-    # ---- dq of query block `block` (padding queries have do = 0 and delta = 0, so dq = 0)
-    rows = block * BLOCK + tl.arange(0, BLOCK)
-    q_offs, q_in, q_real = _token_offsets(seq, rows, seq_len, n_inner, window_size, grid_h, grid_w,
-                                          windows_w, qkv_s0, qkv_s1, qkv_s2, WINDOW)
-    do_offs, _, _ = _token_offsets(seq, rows, seq_len, n_inner, window_size, grid_h, grid_w,
-                                   windows_w, dout_s0, dout_s1, dout_s2, WINDOW)
-    q = _load_tokens(qkv, q_offs, q_in, q_real, q_cols, dim_mask, qkv_s3, qkv_bias, HAS_BIAS)
-    do = tl.load(grad_out + do_offs[:, None] + q_cols[None, :] * dout_s3,
-                 mask=q_real[:, None] & dim_mask[None, :], other=0.0)
-    lse2 = tl.load(lse + row_base + rows, mask=q_in, other=0.0) * _LOG2E
-    row_delta = tl.load(delta + row_base + rows, mask=q_in, other=0.0)
-    dq = tl.zeros([BLOCK, BLOCK_D], acc_dtype)
-    for start in range(0, seq_len, BLOCK):
-        keys = start + tl.arange(0, BLOCK)
-        k_offs, k_in, k_real = _token_offsets(seq, keys, seq_len, n_inner, window_size, grid_h,
-                                              grid_w, windows_w, qkv_s0, qkv_s1, qkv_s2, WINDOW)
-        k = _load_tokens(qkv, k_offs, k_in, k_real, C + q_cols, dim_mask, qkv_s3, qkv_bias,
-                         HAS_BIAS)
-        v = _load_tokens(qkv, k_offs, k_in, k_real, 2 * C + q_cols, dim_mask, qkv_s3, qkv_bias,
-                         HAS_BIAS)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=acc_dtype) * qk_scale
-        probs = tl.where(q_in[:, None] & k_in[None, :], tl.exp2(scores - lse2[:, None]), 0.0)
-        dprobs = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=acc_dtype)
-        if HAS_CLS_GRAD:
-            cls_grad = tl.load(grad_cls + row_base + keys, mask=k_in, other=0.0)
-            dprobs += tl.where((rows == 0)[:, None], cls_grad[None, :], 0.0)
-        dscores = probs * (dprobs - row_delta[:, None])
-        dq += tl.dot(dscores.to(k.dtype), k, input_precision=PRECISION, out_dtype=acc_dtype)
-    dq *= scale
-    dq_offs, _, _ = _token_offsets(seq, rows, seq_len, n_inner, window_size, grid_h, grid_w,
-                                   windows_w, dqkv_s0, dqkv_s1, dqkv_s2, WINDOW)
-    tl.store(grad_qkv + dq_offs[:, None] + q_cols[None, :] * dqkv_s3,
-             dq.to(grad_qkv.dtype.element_ty), mask=q_real[:, None] & dim_mask[None, :])
+        dq = tl.zeros([BLOCK, BLOCK_D], acc_dtype)
+        for start in range(0, seq_len, BLOCK):
+            keys = start + tl.arange(0, BLOCK)
+            k_offs, k_in, k_real = _token_offsets(seq, keys, seq_len, n_inner, window_size, grid_h,
+                                                  grid_w, windows_w, qkv_s0, qkv_s1, qkv_s2, WINDOW)
+            k = _load_tokens(qkv, k_offs, k_in, k_real, C + q_cols, dim_mask, qkv_s3, qkv_bias,
+                             HAS_BIAS)
+            v = _load_tokens(qkv, k_offs, k_in, k_real, 2 * C + q_cols, dim_mask, qkv_s3, qkv_bias,
+                             HAS_BIAS)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=acc_dtype) * qk_scale
+            probs = tl.where(q_in[:, None] & k_in[None, :], tl.exp2(scores - lse2[:, None]), 0.0)
+            dprobs = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=acc_dtype)
+            if HAS_CLS_GRAD:
+                cls_grad = tl.load(grad_cls + row_base + keys, mask=k_in, other=0.0)
+                dprobs += tl.where((rows == 0)[:, None], cls_grad[None, :], 0.0)
+            dscores = probs * (dprobs - row_delta[:, None])
+            dq += tl.dot(dscores.to(k.dtype), k, input_precision=PRECISION, out_dtype=acc_dtype)
+        dq *= scale
+        dq_offs, _, _ = _token_offsets(seq, rows, seq_len, n_inner, window_size, grid_h, grid_w,
+                                       windows_w, dqkv_s0, dqkv_s1, dqkv_s2, WINDOW)
+        tl.store(grad_qkv + dq_offs[:, None] + q_cols[None, :] * dqkv_s3,
+                 dq.to(grad_qkv.dtype.element_ty), mask=q_real[:, None] & dim_mask[None, :])
 
 
 # ---- launchers ----------------------------------------------------------------------------------
@@ -383,13 +391,14 @@ def attention_backward(grad_out: torch.Tensor, grad_cls_probs: torch.Tensor | No
     """Writes ``grad_qkv`` (qkv's shape) and, with a bias, ``grad_bias`` (3C,): the gradient that
     reaches the bias through the window padding tokens (its q third is 0: padding queries are
     cropped). ``grad_cls_probs`` (S, H, L) is the gradient of ``cls_probs``, or None."""
-    delta_plan, backward_plan, delta, grad_cls_probs, grad_bias_parts = backward_plans(
+    delta_plan, gradient_plans, delta, grad_cls_probs, grad_bias_parts = backward_plans(
         grad_out, grad_cls_probs, qkv, qkv_bias, out, lse, grad_qkv, num_heads=num_heads,
         scale=scale, window=window)
     delta_plan.launch()
     if grad_cls_probs is not None:
         delta[:, :, 0] += (cls_probs * grad_cls_probs).sum(-1)
-    backward_plan.launch()
+    for plan in gradient_plans:
+        plan.launch()
     if qkv_bias is not None:
         channels = qkv.shape[-1] // 3
         grad_bias[:channels].zero_()
@@ -400,11 +409,11 @@ def backward_plans(grad_out: torch.Tensor, grad_cls_probs: torch.Tensor | None,
                    qkv: torch.Tensor, qkv_bias: torch.Tensor | None, out: torch.Tensor,
                    lse: torch.Tensor, grad_qkv: torch.Tensor, *, num_heads: int, scale: float,
                    window: tuple[int, int, int] | None
-                   ) -> tuple[LaunchPlan, LaunchPlan, torch.Tensor, torch.Tensor | None,
+                   ) -> tuple[LaunchPlan, list[LaunchPlan], torch.Tensor, torch.Tensor | None,
                               torch.Tensor | None]:
-    """The two launches of attention_backward (delta, then the gradients) and the buffers they
-    share with it: delta, grad_cls_probs in the accumulation dtype (or None) and grad_bias_parts
-    (None without a bias)."""
+    """The launches of attention_backward (delta, then the gradients: one fused launch, or dk/dv
+    and dq where _tiles splits it) and the buffers they share with it: delta, grad_cls_probs in
+    the accumulation dtype (or None) and grad_bias_parts (None without a bias)."""
     num_seq, seq_len, layout = _sequences(qkv, window)
     channels = qkv.shape[-1] // 3
     head_dim = channels // num_heads
@@ -424,12 +433,13 @@ def backward_plans(grad_out: torch.Tensor, grad_cls_probs: torch.Tensor | None,
     if qkv_bias is not None:
         grad_bias_parts = torch.empty(num_seq * blocks, 2 * channels, device=qkv.device,
                                       dtype=lse.dtype)
-    backward_plan = LaunchPlan(
+    gradient_plans = [LaunchPlan(
         "attention.bwd", _backward_kernel, (num_seq * num_heads, blocks),
         (qkv, qkv_bias, grad_out, lse, delta, grad_cls_probs, grad_qkv, grad_bias_parts, *layout,
          *_strides(qkv), *_strides(grad_out), *_strides(grad_qkv), scale, scale * _LOG2E.value),
         dict(HEADS=num_heads, HEAD_DIM=head_dim, WINDOW=window is not None,
              HAS_BIAS=qkv_bias is not None, HAS_CLS_GRAD=grad_cls_probs is not None,
-             PRECISION=_precision(qkv.dtype), BLOCK=block, BLOCK_D=block_d),
+             PRECISION=_precision(qkv.dtype), BLOCK=block, BLOCK_D=block_d, GRADS=grads),
         num_warps=tiles.backward_warps, num_stages=tiles.stages)
-    return delta_plan, backward_plan, delta, grad_cls_probs, grad_bias_parts
+        for grads in (("kv", "q") if tiles.backward_split else ("qkv",))]
+    return delta_plan, gradient_plans, delta, grad_cls_probs, grad_bias_parts

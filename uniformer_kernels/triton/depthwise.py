@@ -36,10 +36,15 @@ _CONV_MAX_BLOCK_W = 32
 _CONV_NUM_WARPS = 4
 # pos_embed_norm tiles hold all channels of a pixel (the LayerNorm reduction is in the tile), so
 # wide C leaves room for few pixels: up to 4096 elements, at most 8 per thread (16 spilled in
-# float32 at C = 256 on sm_80, bench/gpu_static.py).
+# float32 at C = 256 on sm_80, bench/gpu_static.py); 16-bit tiles take 8 warps, below.
 _NORM_TILE_ELEMENTS = 4096
 _NORM_MAX_BLOCK_W = 16
 _NORM_ELEMENTS_PER_THREAD = 8
+# 16-bit forward tiles (the conv, its input gradient and pos_embed_norm) run on 8 warps. At the
+# counts above, the ptxas of Triton 3.9 aimed at 40-56 registers for the 3-D ones on sm_80 and
+# spilled 8 bytes; on 8 warps no 16-bit forward tile spills under Triton 3.6 or 3.9
+# (bench/gpu_static.py).
+_16BIT_FORWARD_NUM_WARPS = 8
 # Weight gradient split: about this many programs (several waves of an H100's 132 SMs) ...
 _WEIGHT_GRAD_TARGET_PROGRAMS = 1024
 # ... each reducing at least this many pixels per tap, so the per-program partial sums
@@ -50,6 +55,11 @@ _WEIGHT_GRAD_MIN_PIXELS_PER_TAP = 4
 def _channel_vector(channels: int) -> int:
     """C_VEC: the largest power of two <= 16 dividing ``channels``."""
     return min(16, channels & -channels)
+
+
+def _forward_num_warps(dtype: torch.dtype, num_warps: int) -> int:
+    """Warps of a forward tile: ``num_warps``, or 8 for 16-bit dtypes."""
+    return _16BIT_FORWARD_NUM_WARPS if dtype in (torch.float16, torch.bfloat16) else num_warps
 
 
 def _conv_blocks(width: int, channels: int) -> tuple[int, int]:
@@ -300,7 +310,8 @@ def forward_plan(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         "depthwise.fwd", _forward_kernel, grid,
         (x, weight, bias if bias is not None else weight, y, d, h, w, c // c_vec),
         dict(KD=kd, KH=kh, KW=kw, HAS_BIAS=bias is not None, RESIDUAL=bool(residual),
-             C_VEC=c_vec, BLOCK_W=block_w, BLOCK_C=block_c), num_warps=_CONV_NUM_WARPS)
+             C_VEC=c_vec, BLOCK_W=block_w, BLOCK_C=block_c),
+        num_warps=_forward_num_warps(x.dtype, _CONV_NUM_WARPS))
 
 
 def depthwise_conv_backward_weight(grad_y: torch.Tensor, x: torch.Tensor, kernel_size,
@@ -400,4 +411,4 @@ def pos_embed_norm_plan(x, weight, bias, norm_weight, norm_bias, y, z, mean, rst
         (x, weight, bias, norm_weight, norm_bias, y, z, mean if layer_norm else y,
          rstd if layer_norm else y, d, h, w, c // _channel_vector(c), float(eps)),
         dict(KD=kd, KH=kh, KW=kw, LAYER_NORM=layer_norm, C_VEC=_channel_vector(c),
-             BLOCK_W=block_w, BLOCK_C=block_c), num_warps=num_warps)
+             BLOCK_W=block_w, BLOCK_C=block_c), num_warps=_forward_num_warps(x.dtype, num_warps))
