@@ -192,3 +192,28 @@ def test_main_plan_modes(tmp_path):
     full = main.plan("full", tmp_path, [])
     assert "--main" not in full["bench"] and "bench/bench_models.py" in full["bench"]
     assert "--models" not in full["parity"]
+
+
+def test_cpu_targets_rows_and_verdicts(tmp_path):
+    """bench.cpu_targets: every op row has both timings, its ratio against/ours and a verdict; the
+    roofline row reads as a share and a row without a target says why."""
+    from bench import cpu_targets
+
+    out = tmp_path / "targets.md"
+    assert cpu_targets.main(["--skip-models", "--rounds", "1", "--md", str(out)]) == 0
+    text = out.read_text()
+    assert "cpu kernels" in text and "thread(s)" in text  # the host it ran on
+    op_rows = [line for line in text.splitlines() if line.startswith("| depthwise") or
+               line.startswith("| pos_embed_norm")]
+    assert len(op_rows) == 6
+    for line in op_rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        ours, theirs, ratio = float(cells[2]), float(cells[3]), float(cells[4].rstrip("x"))
+        assert ours > 0 and theirs > 0
+        # the table rounds: ms to 0.01, the ratio to 0.01
+        assert (theirs - 0.005) / (ours + 0.005) - 0.005 <= ratio <= (theirs + 0.005) / (ours - 0.005) + 0.005
+        assert cells[6] == ("yes" if ratio >= float(cells[5].rstrip("x")) else "no")
+    share = cpu_targets.row("m", "roofline", {"ours": 2.0, "theirs": 1.5}, 0.9, share=True)
+    none = cpu_targets.row("m", "fp32", {"ours": 2.0, "theirs": 1.0}, None, note="n/a: why")
+    table = cpu_targets.render([share, none], "# t")
+    assert "| 75% | 90% | no |" in table and "| 0.50x | - | n/a: why |" in table
