@@ -29,35 +29,46 @@ namespace uniformer_kernels {
 namespace {
 
 // The kernel build for the ISA chosen for this process (cpu_isa.h).
-template <typename T>
-DepthwiseKernels<T> kernels_for(CpuIsa isa) {
+template <typename T, typename S>
+DepthwiseKernels<T, S> kernels_for(CpuIsa isa) {
   switch (isa) {
-    case CpuIsa::avx512: return avx512::kernels<T>();
-    case CpuIsa::avx2: return avx2::kernels<T>();
-    default: return baseline::kernels<T>();
+    case CpuIsa::avx512: return avx512::kernels<T, S>();
+    case CpuIsa::avx2: return avx2::kernels<T, S>();
+    default: return baseline::kernels<T, S>();
   }
 }
 
-template <typename T>
-const DepthwiseKernels<T>& cpu_kernels() {
-  static const DepthwiseKernels<T> chosen = kernels_for<T>(chosen_cpu_isa());
+template <typename T, typename S>
+const DepthwiseKernels<T, S>& cpu_kernels() {
+  static const DepthwiseKernels<T, S> chosen = kernels_for<T, S>(chosen_cpu_isa());
   return chosen;
 }
 
-const DepthwiseKernelsBf16& cpu_kernels_bf16() {
-  static const DepthwiseKernelsBf16 chosen = [] {
-    switch (chosen_cpu_isa()) {
-      case CpuIsa::avx512: return avx512::kernels_bf16();
-      case CpuIsa::avx2: return avx2::kernels_bf16();
-      default: return baseline::kernels_bf16();
-    }
-  }();
-  return chosen;
+// The kernels' (compute, storage) types for activations of one dtype.
+template <typename T, typename S>
+struct KernelTypes {
+  using compute = T;
+  using storage = S;
+};
+
+// f(KernelTypes<T, S>{}) for activations of dtype t: float, double, or bfloat16 (stored as its
+// bits, computed in float).
+template <typename F>
+void dispatch_kernel_types(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(KernelTypes<float, float>{});
+    case at::kDouble: return f(KernelTypes<double, double>{});
+    case at::kBFloat16: return f(KernelTypes<float, uint16_t>{});
+    default: TORCH_CHECK(false, "uniformer_kernels: no CPU kernel for ", t);
+  }
 }
 
-// bfloat16 activations' bits, as the bfloat16 kernels take them.
-const uint16_t* bf16_bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr()); }
-uint16_t* bf16_bits_mut(const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.mutable_data_ptr()); }
+// A tensor's data as the kernels' storage type S (bfloat16 as its bits); the dtype is the caller's
+// dispatch_kernel_types choice.
+template <typename S>
+const S* data_as(const at::Tensor& t) { return reinterpret_cast<const S*>(t.const_data_ptr()); }
+template <typename S>
+S* mutable_data_as(const at::Tensor& t) { return reinterpret_cast<S*>(t.mutable_data_ptr()); }
 
 // The dtype of the kernels' weights, norm parameters and statistics for activations of dtype t.
 at::ScalarType accumulation_type(at::ScalarType t) { return t == at::kBFloat16 ? at::kFloat : t; }
@@ -107,23 +118,15 @@ void run_forward(const at::Tensor& x5, const at::Tensor& weight, const std::opti
                  bool residual, const at::Tensor& y5) {
   const ConvShape s = conv_shape(x5, weight.sizes().slice(0, 3));
   const bool stream = stream_output(x5);
-  if (x5.scalar_type() == at::kBFloat16) {
-    const auto& k = cpu_kernels_bf16();
-    const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  dispatch_kernel_types(x5.scalar_type(), [&](auto types) {
+    using T = typename decltype(types)::compute;
+    using S = typename decltype(types)::storage;
+    const auto& k = cpu_kernels<T, S>();
+    const T* b = bias ? data_as<T>(*bias) : nullptr;
     at::parallel_for(0, s.rows(), grain_rows(s), [&](int64_t begin, int64_t end) {
-      std::vector<uint16_t> row_buffer(stream ? s.width * s.channels : 0);
-      k.forward(bf16_bits(x5), weight.data_ptr<float>(), b, residual, bf16_bits_mut(y5), s, begin, end,
+      std::vector<S> row_buffer(stream ? s.width * s.channels : 0);
+      k.forward(data_as<S>(x5), data_as<T>(weight), b, residual, mutable_data_as<S>(y5), s, begin, end,
                 stream ? row_buffer.data() : nullptr);
-    });
-    return;
-  }
-  AT_DISPATCH_FLOATING_TYPES(x5.scalar_type(), "depthwise_conv_forward_cpu", [&] {
-    const auto& k = cpu_kernels<scalar_t>();
-    const scalar_t* b = bias ? bias->data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, s.rows(), grain_rows(s), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> row_buffer(stream ? s.width * s.channels : 0);
-      k.forward(x5.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), b, residual, y5.data_ptr<scalar_t>(), s,
-                begin, end, stream ? row_buffer.data() : nullptr);
     });
   });
 }
@@ -236,30 +239,19 @@ std::tuple<at::Tensor, at::Tensor> run_weight_grad(const at::Tensor& grad_y, con
   const auto acc_options = x.options().dtype(accumulation_type(x.scalar_type()));
   at::Tensor partial_w = at::zeros({chunks, taps * s.channels}, acc_options);
   at::Tensor partial_b = at::zeros({chunks, s.channels}, acc_options);
-  if (x.scalar_type() == at::kBFloat16) {
-    const auto& k = cpu_kernels_bf16();
+  dispatch_kernel_types(x.scalar_type(), [&](auto types) {
+    using T = typename decltype(types)::compute;
+    using S = typename decltype(types)::storage;
+    const auto& k = cpu_kernels<T, S>();
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
         const int64_t begin = chunk * rows_per_chunk, end = std::min(rows, begin + rows_per_chunk);
         if (begin >= end) continue;
-        k.weight_grad(bf16_bits(grad_y), bf16_bits(x), partial_w[chunk].data_ptr<float>(),
-                      partial_b[chunk].data_ptr<float>(), s, begin, end);
+        k.weight_grad(data_as<S>(grad_y), data_as<S>(x), mutable_data_as<T>(partial_w[chunk]),
+                      mutable_data_as<T>(partial_b[chunk]), s, begin, end);
       }
     });
-  } else {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "run_weight_grad", [&] {
-      const auto& k = cpu_kernels<scalar_t>();
-      at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-        for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-          const int64_t begin = chunk * rows_per_chunk, end = std::min(rows, begin + rows_per_chunk);
-          if (begin >= end) continue;
-          k.weight_grad(grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                        partial_w[chunk].data_ptr<scalar_t>(), partial_b[chunk].data_ptr<scalar_t>(), s, begin,
-                        end);
-        }
-      });
-    });
-  }
+  });
   at::Tensor grad_w = partial_w[0].clone();
   at::Tensor grad_b = partial_b[0].clone();
   for (int64_t chunk = 1; chunk < chunks; ++chunk) {
@@ -312,22 +304,14 @@ std::tuple<at::Tensor, at::Tensor> run_pos_embed_norm(const at::Tensor& x5, cons
   const int64_t pixels = layer_norm ? s.rows() * s.width : 0;
   const auto stat_options = x5.options().dtype(accumulation_type(x5.scalar_type()));
   at::Tensor mean = at::empty({pixels}, stat_options), rstd = at::empty({pixels}, stat_options);
-  if (x5.scalar_type() == at::kBFloat16) {
-    const auto& k = cpu_kernels_bf16();
+  dispatch_kernel_types(x5.scalar_type(), [&](auto types) {
+    using T = typename decltype(types)::compute;
+    using S = typename decltype(types)::storage;
+    const auto& k = cpu_kernels<T, S>();
     at::parallel_for(0, s.rows(), grain_rows(s), [&](int64_t begin, int64_t end) {
-      k.pos_embed_norm(bf16_bits(x5), weight.data_ptr<float>(), bias.data_ptr<float>(), norm_weight.data_ptr<float>(),
-                       norm_bias.data_ptr<float>(), layer_norm, static_cast<float>(eps), bf16_bits_mut(y5),
-                       bf16_bits_mut(z5), mean.data_ptr<float>(), rstd.data_ptr<float>(), s, begin, end);
-    });
-    return {mean, rstd};
-  }
-  AT_DISPATCH_FLOATING_TYPES(x5.scalar_type(), "pos_embed_norm_forward_cpu", [&] {
-    const auto& k = cpu_kernels<scalar_t>();
-    at::parallel_for(0, s.rows(), grain_rows(s), [&](int64_t begin, int64_t end) {
-      k.pos_embed_norm(x5.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
-                       norm_weight.data_ptr<scalar_t>(), norm_bias.data_ptr<scalar_t>(), layer_norm,
-                       static_cast<scalar_t>(eps), y5.data_ptr<scalar_t>(), z5.data_ptr<scalar_t>(),
-                       mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(), s, begin, end);
+      k.pos_embed_norm(data_as<S>(x5), data_as<T>(weight), data_as<T>(bias), data_as<T>(norm_weight),
+                       data_as<T>(norm_bias), layer_norm, static_cast<T>(eps), mutable_data_as<S>(y5),
+                       mutable_data_as<S>(z5), mutable_data_as<T>(mean), mutable_data_as<T>(rstd), s, begin, end);
     });
   });
   return {mean, rstd};

@@ -21,51 +21,39 @@ struct ConvShape {
   int64_t rows() const { return batch * depth * height; }
 };
 
-// The kernels of one ISA level, as function pointers (instantiated for float and double).
-template <typename T>
+// The kernels of one ISA level, as function pointers. T is the compute type (weights, bias, norm
+// parameters, statistics, gradients of the weights, accumulation) and S the activations' storage:
+// <float>, <double>, or <float, uint16_t> for bfloat16 activations (x, y, z, grad_y as their bits),
+// which compute as <float> on the widened input and round each output once (nearest even).
+template <typename T, typename S = T>
 struct DepthwiseKernels {
   // y[row] = bias + depthwise_conv(x)[row] (+ x[row] when residual), for rows [begin, end).
   // row_buffer: nullptr, or W * C values of scratch through which rows are streamed to y with
   // non-temporal stores (for outputs that will not stay in cache anyway).
-  void (*forward)(const T* x, const T* weight, const T* bias, bool residual, T* y,
-                  const ConvShape& shape, int64_t begin, int64_t end, T* row_buffer);
+  void (*forward)(const S* x, const T* weight, const T* bias, bool residual, S* y,
+                  const ConvShape& shape, int64_t begin, int64_t end, S* row_buffer);
   // Adds this row range's contribution to grad_weight (KD, KH, KW, C) and grad_bias (C).
-  void (*weight_grad)(const T* grad_y, const T* x, T* grad_weight, T* grad_bias,
+  void (*weight_grad)(const S* grad_y, const S* x, T* grad_weight, T* grad_bias,
                       const ConvShape& shape, int64_t begin, int64_t end);
   // y = x + conv(x) as forward(residual) and z = norm(y) per pixel in the same pass over a row:
   // LayerNorm over C (mean and rstd written per pixel) when layer_norm, else z = y * scale + shift.
-  void (*pos_embed_norm)(const T* x, const T* weight, const T* bias, const T* norm_weight,
-                         const T* norm_bias, bool layer_norm, T eps, T* y, T* z, T* mean, T* rstd,
+  void (*pos_embed_norm)(const S* x, const T* weight, const T* bias, const T* norm_weight,
+                         const T* norm_bias, bool layer_norm, T eps, S* y, S* z, T* mean, T* rstd,
                          const ConvShape& shape, int64_t begin, int64_t end);
 };
 
-// The kernels on bfloat16 activations (x, y, z, grad_y as uint16_t bits), with float weights,
-// bias, norm parameters, mean and rstd, weight and bias gradients, and float accumulation: as
-// DepthwiseKernels<float>'s on the widened input, each bfloat16 output rounded once (nearest even).
-struct DepthwiseKernelsBf16 {
-  void (*forward)(const uint16_t* x, const float* weight, const float* bias, bool residual, uint16_t* y,
-                  const ConvShape& shape, int64_t begin, int64_t end, uint16_t* row_buffer);
-  void (*weight_grad)(const uint16_t* grad_y, const uint16_t* x, float* grad_weight, float* grad_bias,
-                      const ConvShape& shape, int64_t begin, int64_t end);
-  void (*pos_embed_norm)(const uint16_t* x, const float* weight, const float* bias, const float* norm_weight,
-                         const float* norm_bias, bool layer_norm, float eps, uint16_t* y, uint16_t* z,
-                         float* mean, float* rstd, const ConvShape& shape, int64_t begin, int64_t end);
-};
-
+// Each ISA namespace defines kernels<T, S>() for <float>, <double> and <float, uint16_t>.
 namespace baseline {
-template <typename T>
-DepthwiseKernels<T> kernels();
-DepthwiseKernelsBf16 kernels_bf16();
+template <typename T, typename S = T>
+DepthwiseKernels<T, S> kernels();
 }
 namespace avx2 {
-template <typename T>
-DepthwiseKernels<T> kernels();
-DepthwiseKernelsBf16 kernels_bf16();
+template <typename T, typename S = T>
+DepthwiseKernels<T, S> kernels();
 }
 namespace avx512 {
-template <typename T>
-DepthwiseKernels<T> kernels();
-DepthwiseKernelsBf16 kernels_bf16();
+template <typename T, typename S = T>
+DepthwiseKernels<T, S> kernels();
 }
 
 }  // namespace uniformer_kernels

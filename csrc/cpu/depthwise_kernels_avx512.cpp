@@ -18,13 +18,13 @@ namespace avx512 {
 #else
 namespace uniformer_kernels {
 namespace avx512 {
-template <typename T>
-DepthwiseKernels<T> kernels() {
-  return baseline::kernels<T>();
+template <typename T, typename S>
+DepthwiseKernels<T, S> kernels() {
+  return baseline::kernels<T, S>();
 }
 template DepthwiseKernels<float> kernels<float>();
 template DepthwiseKernels<double> kernels<double>();
-DepthwiseKernelsBf16 kernels_bf16() { return baseline::kernels_bf16(); }
+template DepthwiseKernels<float, uint16_t> kernels<float, uint16_t>();
 }  // namespace avx512
 }  // namespace uniformer_kernels
 #endif

@@ -497,15 +497,11 @@ void pos_embed_norm_dispatch(const S* x, const T* weight, const T* bias, const T
   }
 }
 
-template <typename T>
-DepthwiseKernels<T> kernels() {
-  return {&forward_dispatch<T>, &weight_grad_dispatch<T>, &pos_embed_norm_dispatch<T>};
+template <typename T, typename S>
+DepthwiseKernels<T, S> kernels() {
+  return {&forward_dispatch<T, S>, &weight_grad_dispatch<T, S>, &pos_embed_norm_dispatch<T, S>};
 }
 
 template DepthwiseKernels<float> kernels<float>();
 template DepthwiseKernels<double> kernels<double>();
-
-DepthwiseKernelsBf16 kernels_bf16() {
-  return {&forward_dispatch<float, uint16_t>, &weight_grad_dispatch<float, uint16_t>,
-          &pos_embed_norm_dispatch<float, uint16_t>};
-}
+template DepthwiseKernels<float, uint16_t> kernels<float, uint16_t>();

@@ -13,6 +13,8 @@
 
 namespace uniformer_kernels {
 namespace avx512_traits {
+template <typename T, typename S = T>
+DepthwiseKernels<T, S> kernels();  // as depthwise_kernels.h declares it for the real ISA builds
 #define UK_VECTOR_BYTES 64
 #define UK_VECTOR_REGISTERS 32
 #include "depthwise_kernels_impl.h"
@@ -28,30 +30,31 @@ ConvShape shape_of(const int64_t* sizes) {
   return {sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5], sizes[6], sizes[7]};
 }
 
-template <typename T>
+// T: the compute type, S: the activations' storage (uint16_t: bfloat16 bits).
+template <typename T, typename S = T>
 void forward(const void* x, const void* w, const void* b, int residual, void* y, const int64_t* sizes,
              void* row_buffer) {
   const ConvShape s = shape_of(sizes);
-  uniformer_kernels::avx512_traits::kernels<T>().forward(
-      static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(b), residual != 0,
-      static_cast<T*>(y), s, 0, s.rows(), static_cast<T*>(row_buffer));
+  uniformer_kernels::avx512_traits::kernels<T, S>().forward(
+      static_cast<const S*>(x), static_cast<const T*>(w), static_cast<const T*>(b), residual != 0,
+      static_cast<S*>(y), s, 0, s.rows(), static_cast<S*>(row_buffer));
 }
 
-template <typename T>
+template <typename T, typename S = T>
 void weight_grad(const void* grad_y, const void* x, void* grad_w, void* grad_b, const int64_t* sizes) {
   const ConvShape s = shape_of(sizes);
-  uniformer_kernels::avx512_traits::kernels<T>().weight_grad(
-      static_cast<const T*>(grad_y), static_cast<const T*>(x), static_cast<T*>(grad_w), static_cast<T*>(grad_b), s,
+  uniformer_kernels::avx512_traits::kernels<T, S>().weight_grad(
+      static_cast<const S*>(grad_y), static_cast<const S*>(x), static_cast<T*>(grad_w), static_cast<T*>(grad_b), s,
       0, s.rows());
 }
 
-template <typename T>
+template <typename T, typename S = T>
 void pos_embed_norm(const void* x, const void* w, const void* b, const void* norm_w, const void* norm_b,
                     int layer_norm, double eps, void* y, void* z, void* mean, void* rstd, const int64_t* sizes) {
   const ConvShape s = shape_of(sizes);
-  uniformer_kernels::avx512_traits::kernels<T>().pos_embed_norm(
-      static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(b), static_cast<const T*>(norm_w),
-      static_cast<const T*>(norm_b), layer_norm != 0, static_cast<T>(eps), static_cast<T*>(y), static_cast<T*>(z),
+  uniformer_kernels::avx512_traits::kernels<T, S>().pos_embed_norm(
+      static_cast<const S*>(x), static_cast<const T*>(w), static_cast<const T*>(b), static_cast<const T*>(norm_w),
+      static_cast<const T*>(norm_b), layer_norm != 0, static_cast<T>(eps), static_cast<S*>(y), static_cast<S*>(z),
       static_cast<T*>(mean), static_cast<T*>(rstd), s, 0, s.rows());
 }
 
@@ -82,28 +85,17 @@ void uk_wide_pos_embed_norm(int double_precision, const void* x, const void* w, 
 // bfloat16 activations (uint16_t bits), float weights, norm parameters and statistics.
 void uk_wide_forward_bf16(const void* x, const void* w, const void* b, int residual, void* y, const int64_t* sizes,
                           void* row_buffer) {
-  const ConvShape s = shape_of(sizes);
-  uniformer_kernels::avx512_traits::kernels_bf16().forward(
-      static_cast<const uint16_t*>(x), static_cast<const float*>(w), static_cast<const float*>(b), residual != 0,
-      static_cast<uint16_t*>(y), s, 0, s.rows(), static_cast<uint16_t*>(row_buffer));
+  forward<float, uint16_t>(x, w, b, residual, y, sizes, row_buffer);
 }
 
 void uk_wide_weight_grad_bf16(const void* grad_y, const void* x, void* grad_w, void* grad_b, const int64_t* sizes) {
-  const ConvShape s = shape_of(sizes);
-  uniformer_kernels::avx512_traits::kernels_bf16().weight_grad(
-      static_cast<const uint16_t*>(grad_y), static_cast<const uint16_t*>(x), static_cast<float*>(grad_w),
-      static_cast<float*>(grad_b), s, 0, s.rows());
+  weight_grad<float, uint16_t>(grad_y, x, grad_w, grad_b, sizes);
 }
 
 void uk_wide_pos_embed_norm_bf16(const void* x, const void* w, const void* b, const void* norm_w, const void* norm_b,
                                  int layer_norm, double eps, void* y, void* z, void* mean, void* rstd,
                                  const int64_t* sizes) {
-  const ConvShape s = shape_of(sizes);
-  uniformer_kernels::avx512_traits::kernels_bf16().pos_embed_norm(
-      static_cast<const uint16_t*>(x), static_cast<const float*>(w), static_cast<const float*>(b),
-      static_cast<const float*>(norm_w), static_cast<const float*>(norm_b), layer_norm != 0, static_cast<float>(eps),
-      static_cast<uint16_t*>(y), static_cast<uint16_t*>(z), static_cast<float*>(mean), static_cast<float*>(rstd), s,
-      0, s.rows());
+  pos_embed_norm<float, uint16_t>(x, w, b, norm_w, norm_b, layer_norm, eps, y, z, mean, rstd, sizes);
 }
 
 }  // extern "C"
