@@ -401,6 +401,43 @@ def test_state_dict_keys_values_and_strict_loading_are_unchanged():
         assert_rel_close(fast.eval()(x), other.double().eval()(x.double()), TOL)
 
 
+@pytest.mark.parametrize("name", ["uniformer_xxs", "uniformer_small_video"])
+def test_stem_weights_cached_channels_last_follow_every_change(name):
+    """The stems convolve channels-last maps with a channels-last copy of their (folded) weight,
+    cached without autograd: a load_state_dict, an in-place update of a weight or of a BatchNorm
+    statistic takes effect on the next call; the parameters keep their layout (FSDP2 needs it)."""
+    model, x = build(name)
+    fast = accelerate(copy.deepcopy(model).eval())
+    model.eval()
+    stem_convs = [c for m in fast.modules()
+                  if isinstance(m, (uknn.PatchEmbed, uknn.head_embedding, uknn.middle_embedding))
+                  for c in m.modules() if isinstance(c, (nn.Conv2d, nn.Conv3d))]
+    assert stem_convs
+    with torch.no_grad():
+        assert_rel_close(fast(x), model.double()(x.double()), TOL)
+        assert all("_uk_channels_last_weight" in c.__dict__ for c in stem_convs)
+        cached = stem_convs[0].__dict__["_uk_channels_last_weight"][1]
+        fmt = torch.channels_last if cached.dim() == 4 else torch.channels_last_3d
+        assert cached.is_contiguous(memory_format=fmt)
+        assert all(c.weight.is_contiguous() for c in stem_convs)
+        # a new state, then in-place updates of a stem weight and of a running statistic
+        other = randomize_state_(copy.deepcopy(model), seed=3)
+        fast.load_state_dict(other.state_dict(), strict=True)
+        assert_rel_close(fast(x), other.double()(x.double()), TOL)
+        stem_convs[-1].weight.mul_(1.5)
+        other_stems = [c for n, c in other.named_modules() if isinstance(c, (nn.Conv2d, nn.Conv3d))
+                       and ("patch_embed" in n or "embedding" in n)]
+        other_stems[-1].weight.mul_(1.5)
+        for bn_fast, bn_other in zip((m for m in fast.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)),
+                                     (m for m in other.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))):
+            bn_fast.running_var.mul_(2.0)
+            bn_other.running_var.mul_(2.0)
+        assert_rel_close(fast(x), other.double()(x.double()), TOL)
+    # with autograd the weight itself is used: its gradient arrives
+    fast(x).float().sum().backward()
+    assert all(c.weight.grad is not None and c.weight.grad.abs().sum() > 0 for c in stem_convs)
+
+
 def test_accelerate_modifies_no_parameter():
     model, x = build("uniformer_small_plus")
     fast = accelerate(model.eval())

@@ -14,7 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from uniformer_models import layers as reference
 
 from . import _match
-from ._base import Accelerated, channels_last, to_map, tokens
+from ._base import Accelerated, channels_last, channels_last_weight, to_map, tokens
 from .fold import conv_bn
 
 
@@ -35,7 +35,9 @@ class PatchEmbed(Accelerated, reference.PatchEmbed):
         return _match.layernorm(m, "norm", m.proj.out_channels)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(channels_last(x))
+        proj = self.proj
+        weight = channels_last_weight(proj, lambda: proj.weight, (proj.weight,))
+        x = proj._conv_forward(channels_last(x), weight, proj.bias)
         return to_map(self.norm(tokens(x)), x.shape)
 
 
