@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 import time
 
 import torch
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
     if not args.skip_models:
         rows += model_rows(max(3, args.rounds // 2))
     header = (f"# Issue 19 CPU targets\n\n`python -m bench.cpu_targets "
-              f"{' '.join(argv if argv is not None else __import__('sys').argv[1:])}`\n\n"
+              f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
               f"{host_line()}; min of {args.rounds} alternating rounds; load average "
               f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (indicative above ~1)")
     table = render(rows, header)
