@@ -312,6 +312,13 @@ def test_window_attention_matches_reference(backend, grid, window_size, qkv_bias
     check(window_case(batch, grid, window_size, heads, 32, torch.float32, qkv_bias), backend)
 
 
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=MARKS[b]) for b in ("cpu", "triton")])
+def test_window_attention_with_bias_at_head_dim_128(backend):
+    """float32 at head_dim 128 runs Triton's backward as two launches (dk/dv with the bias
+    gradient of the padding keys, then dq): the case whose fused kernel spilled."""
+    check(window_case(1, (9, 9), 7, 2, 128, torch.float32, qkv_bias=True), backend)
+
+
 @pytest.mark.parametrize("temporal", [True, False], ids=["temporal", "spatial"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_split_attention_matches_reference(backend, temporal):
